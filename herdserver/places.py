@@ -1,0 +1,257 @@
+"""Places providers behind one interface returning Google's legacy Nearby Search shape.
+
+``provider.nearby(lat, lon, radius_m, bound)`` never raises for an upstream
+problem: it returns the legacy JSON shape, with ``status`` and
+``error_message`` on failure (``places_error``). HTTP goes through one pooled
+``requests.Session`` per provider. The API key is sent only in a header (new
+API) or the query string (legacy API) and is scrubbed from every message that
+could reach a log or a client.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import requests
+from requests.adapters import HTTPAdapter
+
+from .config import PlacesSettings
+from .protocol import cut_results, places_error
+
+GOOGLE_ORIGIN = "https://places.googleapis.com"
+GOOGLE_LEGACY_ORIGIN = "https://maps.googleapis.com"
+NEW_PATH = "/v1/places:searchNearby"
+LEGACY_PATH = "/maps/api/place/nearbysearch/json"
+
+# Only fields of the Nearby Search Pro SKU (the cheapest tier of Nearby Search
+# (New)); each maps onto a field of the legacy result, see README.
+DEFAULT_FIELD_MASK = ",".join(
+    "places." + f
+    for f in ("id", "displayName", "location", "viewport", "types", "shortFormattedAddress", "businessStatus")
+)
+
+
+class Provider(Protocol):
+    name: str
+
+    def nearby(self, lat: float, lon: float, radius_m: float, bound: int) -> dict[str, Any]:
+        """Legacy Nearby Search JSON (a dict) with at most ``bound`` results."""
+        ...
+
+    def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class UpstreamError(Exception):
+    """A failure already mapped to a Google status word and a key-free message."""
+
+    status: str
+    message: str
+
+
+def redact(text: str, secret: str | None) -> str:
+    if secret:
+        text = text.replace(secret, "<redacted>")
+        text = text.replace(requests.utils.quote(secret, safe=""), "<redacted>")
+    return text
+
+
+def make_session(settings: PlacesSettings) -> requests.Session:
+    session = requests.Session()
+    adapter = HTTPAdapter(pool_connections=4, pool_maxsize=settings.pool_size, max_retries=0)
+    session.mount("https://", adapter)
+    session.mount("http://", adapter)
+    session.trust_env = False  # no proxy or netrc surprises; TLS verification stays on
+    return session
+
+
+def _status_for_http(code: int) -> str:
+    if code in (401, 403):
+        return "REQUEST_DENIED"
+    if code == 429:
+        return "OVER_QUERY_LIMIT"
+    if 400 <= code < 500:
+        return "INVALID_REQUEST"
+    return "UNKNOWN_ERROR"
+
+
+class _HttpProvider:
+    """Shared plumbing: session, timeouts, error mapping, key scrubbing."""
+
+    name = "http"
+
+    def __init__(self, settings: PlacesSettings, api_key: str | None, origin: str):
+        self.settings = settings
+        self.api_key = api_key or None
+        self.origin = settings.base_url or origin
+        self.session = make_session(settings)
+        connect = settings.connect_timeout or settings.timeout
+        self.timeouts = (connect, settings.timeout)
+
+    def close(self) -> None:
+        self.session.close()
+
+    def nearby(self, lat: float, lon: float, radius_m: float, bound: int) -> dict[str, Any]:
+        if not self.api_key:
+            return places_error(
+                "REQUEST_DENIED",
+                f"no API key: set the environment variable {self.settings.api_key_env}",
+            )
+        try:
+            return self._search(lat, lon, radius_m, bound)
+        except UpstreamError as exc:
+            return places_error(exc.status, redact(exc.message, self.api_key))
+        except requests.Timeout:
+            return places_error("UNKNOWN_ERROR", f"Places did not answer within {self.settings.timeout:g} s")
+        except requests.RequestException as exc:
+            # requests puts the whole URL (legacy: with key=...) into its messages.
+            return places_error("UNKNOWN_ERROR", redact(f"cannot reach Places: {type(exc).__name__}: {exc}", self.api_key))
+
+    def _search(self, lat: float, lon: float, radius_m: float, bound: int) -> dict[str, Any]:
+        raise NotImplementedError
+
+    @staticmethod
+    def _json(response: requests.Response) -> Any:
+        try:
+            return response.json()
+        except ValueError:
+            raise UpstreamError("UNKNOWN_ERROR", f"Places answered HTTP {response.status_code} with invalid JSON") from None
+
+
+class GoogleNewProvider(_HttpProvider):
+    """Places API (New): POST places:searchNearby, mapped to the legacy shape."""
+
+    name = "google"
+
+    def __init__(self, settings: PlacesSettings, api_key: str | None):
+        super().__init__(settings, api_key, GOOGLE_ORIGIN)
+        self.field_mask = settings.field_mask or DEFAULT_FIELD_MASK
+
+    def request_body(self, lat: float, lon: float, radius_m: float, bound: int) -> dict[str, Any]:
+        return {
+            "maxResultCount": bound,
+            "locationRestriction": {
+                "circle": {"center": {"latitude": lat, "longitude": lon}, "radius": radius_m}
+            },
+        }
+
+    def _search(self, lat: float, lon: float, radius_m: float, bound: int) -> dict[str, Any]:
+        response = self.session.post(
+            self.origin + NEW_PATH,
+            data=json.dumps(self.request_body(lat, lon, radius_m, bound)),
+            headers={
+                "Content-Type": "application/json",
+                "X-Goog-Api-Key": self.api_key or "",
+                "X-Goog-FieldMask": self.field_mask,
+            },
+            timeout=self.timeouts,
+        )
+        body = self._json(response)
+        if response.status_code != 200:
+            raise _new_api_error(response.status_code, body)
+        if not isinstance(body, dict):
+            raise UpstreamError("UNKNOWN_ERROR", "Places answered with JSON that is not an object")
+        places = body.get("places") or []
+        if not isinstance(places, list):
+            raise UpstreamError("UNKNOWN_ERROR", "Places answered with 'places' that is not a list")
+        results = [legacy_result(place) for place in places[:bound] if isinstance(place, dict)]
+        return {"html_attributions": [], "results": results, "status": "OK" if results else "ZERO_RESULTS"}
+
+
+def _new_api_error(code: int, body: Any) -> UpstreamError:
+    """Google's error envelope {"error": {"code", "message", "status", "details"}}."""
+    error = body.get("error") if isinstance(body, dict) else None
+    message = f"Places answered HTTP {code}"
+    status = _status_for_http(code)
+    if isinstance(error, dict):
+        if isinstance(error.get("message"), str):
+            message += ": " + error["message"]
+        reasons = [d.get("reason") for d in error.get("details") or [] if isinstance(d, dict)]
+        # An invalid key is a 400 INVALID_ARGUMENT with reason API_KEY_INVALID.
+        if "API_KEY_INVALID" in reasons or error.get("status") in ("PERMISSION_DENIED", "UNAUTHENTICATED"):
+            status = "REQUEST_DENIED"
+        elif error.get("status") == "RESOURCE_EXHAUSTED":
+            status = "OVER_QUERY_LIMIT"
+    return UpstreamError(status, message)
+
+
+def legacy_result(place: Mapping[str, Any]) -> dict[str, Any]:
+    """One Place (New) object as a legacy Nearby Search result (table in README)."""
+    result: dict[str, Any] = {}
+    location = place.get("location") or {}
+    geometry: dict[str, Any] = {
+        "location": {"lat": location.get("latitude"), "lng": location.get("longitude")}
+    }
+    viewport = place.get("viewport")
+    if isinstance(viewport, dict):
+        low, high = viewport.get("low") or {}, viewport.get("high") or {}
+        geometry["viewport"] = {
+            "northeast": {"lat": high.get("latitude"), "lng": high.get("longitude")},
+            "southwest": {"lat": low.get("latitude"), "lng": low.get("longitude")},
+        }
+    result["geometry"] = geometry
+    display = place.get("displayName")
+    if isinstance(display, dict) and "text" in display:
+        result["name"] = display["text"]
+    if "id" in place:
+        result["place_id"] = place["id"]
+        result["reference"] = place["id"]
+    if "businessStatus" in place:
+        result["business_status"] = place["businessStatus"]
+    if "types" in place:
+        result["types"] = place["types"]
+    if "shortFormattedAddress" in place:
+        result["vicinity"] = place["shortFormattedAddress"]
+    elif "formattedAddress" in place:
+        result["vicinity"] = place["formattedAddress"]
+    return result
+
+
+class GoogleLegacyProvider(_HttpProvider):
+    """Legacy Nearby Search: GET nearbysearch/json; Google's JSON passed through, cut."""
+
+    name = "google-legacy"
+
+    def __init__(self, settings: PlacesSettings, api_key: str | None):
+        super().__init__(settings, api_key, GOOGLE_LEGACY_ORIGIN)
+
+    def _search(self, lat: float, lon: float, radius_m: float, bound: int) -> dict[str, Any]:
+        response = self.session.get(
+            self.origin + LEGACY_PATH,
+            params={"location": f"{lat!r},{lon!r}", "radius": f"{radius_m:g}", "key": self.api_key},
+            timeout=self.timeouts,
+        )
+        body = self._json(response)
+        if response.status_code != 200:
+            message = body.get("error_message") if isinstance(body, dict) else None
+            raise UpstreamError(_status_for_http(response.status_code), message or f"Places answered HTTP {response.status_code}")
+        if not isinstance(body, dict) or not isinstance(body.get("results", []), list):
+            raise UpstreamError("UNKNOWN_ERROR", "Places answered with JSON of an unexpected shape")
+        if "error_message" in body:
+            body["error_message"] = redact(str(body["error_message"]), self.api_key)
+        return cut_results(body, bound)
+
+
+def choose(settings: PlacesSettings, environ: Mapping[str, str] | None = None) -> str:
+    """The provider ``auto`` stands for: google with a key in the environment, else offline."""
+    environ = os.environ if environ is None else environ
+    if settings.provider != "auto":
+        return settings.provider
+    return "google" if environ.get(settings.api_key_env) else "offline"
+
+
+def make_provider(settings: PlacesSettings, environ: Mapping[str, str] | None = None) -> Provider:
+    environ = os.environ if environ is None else environ
+    kind = choose(settings, environ)
+    key = environ.get(settings.api_key_env) or None
+    if kind == "google":
+        return GoogleNewProvider(settings, key)
+    if kind == "google-legacy":
+        return GoogleLegacyProvider(settings, key)
+    from .offline import OfflineProvider  # loads its data only when chosen
+
+    return OfflineProvider()

@@ -1,0 +1,256 @@
+"""The herd protocol as pure functions over bytes: no sockets, no clocks.
+
+``parse(line)`` turns one line (without its ``\\n``) into a message object;
+the ``format_*`` functions build the bytes that go back on the wire. Time is
+always passed in as integer nanoseconds so callers (and tests) pin it.
+
+Numbers are never read with ``float()``: it accepts ``nan``, ``inf``, ``1_0``
+and non-ASCII digits. Every token is checked by a strict ASCII regex first and
+then converted with integer arithmetic.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any, Union
+
+NS_PER_S = 1_000_000_000
+
+# Longest integer part accepted in a timestamp or a time difference. 10**30 s is
+# far beyond any real clock, and the cap keeps int() away from its 4300-digit
+# guard and from quadratic conversions on hostile input.
+MAX_TIME_INT_DIGITS = 30
+
+_TIME = re.compile(rb"([0-9]{1,%d})(?:\.([0-9]+))?" % MAX_TIME_INT_DIGITS)
+_DELTA = re.compile(rb"([+-]?)([0-9]{1,%d})(?:\.([0-9]+))?" % MAX_TIME_INT_DIGITS)
+# ISO 6709 decimal degrees: both signs required; 1-2 integer digits of latitude,
+# 1-3 of longitude (ISO writes them zero-padded; we accept both).
+_LOCATION = re.compile(rb"([+-])([0-9]{1,2})(?:\.([0-9]+))?([+-])([0-9]{1,3})(?:\.([0-9]+))?")
+_RADIUS = re.compile(rb"([0-9]{1,4})(?:\.([0-9]{0,20}))?|\.([0-9]{1,20})")
+_BOUND = re.compile(rb"[0-9]{1,4}")
+
+MAX_RADIUS_KM = 50
+MAX_BOUND = 20
+
+
+@dataclass(frozen=True, slots=True)
+class Location:
+    """A validated ISO 6709 location; the original bytes are kept for echoing."""
+
+    raw: bytes
+    lat: float
+    lon: float
+
+
+@dataclass(frozen=True, slots=True)
+class IAmAt:
+    client: bytes
+    location: Location
+    time_raw: bytes
+    time_ns: int
+
+
+@dataclass(frozen=True, slots=True)
+class WhatsAt:
+    client: bytes
+    radius_km: Decimal
+    bound: int
+
+    @property
+    def radius_m(self) -> float:
+        return float(self.radius_km * 1000)
+
+
+@dataclass(frozen=True, slots=True)
+class At:
+    """A location record as flooded between servers (and stored)."""
+
+    server: bytes
+    delta: bytes
+    client: bytes
+    location: Location
+    time_raw: bytes
+    time_ns: int
+    line: bytes  # canonical wire form, single spaces, no newline
+
+    @property
+    def order_key(self) -> tuple[int, bytes]:
+        """The one total order every server uses: client time, then the line."""
+        return (self.time_ns, self.line)
+
+
+@dataclass(frozen=True, slots=True)
+class Invalid:
+    line: bytes  # the command with leading/trailing white space removed
+    reason: str  # for logs only; never sent to the client
+
+
+Message = Union[IAmAt, WhatsAt, At, Invalid]
+
+
+def _fraction_ns(frac: bytes | None) -> int:
+    """Nanoseconds in a decimal fraction; digits past the ninth are truncated."""
+    if not frac:
+        return 0
+    return int(frac[:9].ljust(9, b"0"))
+
+
+def parse_time(token: bytes) -> int | None:
+    """POSIX seconds with an optional fraction -> integer nanoseconds."""
+    m = _TIME.fullmatch(token)
+    if m is None:
+        return None
+    return int(m.group(1)) * NS_PER_S + _fraction_ns(m.group(2))
+
+
+def _within(int_part: bytes, frac: bytes | None, limit: int) -> bool:
+    """|value| <= limit, decided exactly on the digits."""
+    whole = int(int_part)
+    if whole != limit:
+        return whole < limit
+    return not frac or frac.strip(b"0") == b""
+
+
+def parse_location(token: bytes) -> Location | None:
+    m = _LOCATION.fullmatch(token)
+    if m is None:
+        return None
+    lat_sign, lat_int, lat_frac, lon_sign, lon_int, lon_frac = m.groups()
+    if not (_within(lat_int, lat_frac, 90) and _within(lon_int, lon_frac, 180)):
+        return None
+    lat = float(lat_sign + lat_int + b"." + (lat_frac or b"0"))
+    lon = float(lon_sign + lon_int + b"." + (lon_frac or b"0"))
+    return Location(token, lat, lon)
+
+
+def parse_radius(token: bytes) -> Decimal | None:
+    m = _RADIUS.fullmatch(token)
+    if m is None:
+        return None
+    text = token.decode("ascii")
+    value = Decimal("0" + text if text.startswith(".") else text.rstrip("."))
+    if not (0 < value <= MAX_RADIUS_KM):
+        return None
+    return value
+
+
+def parse_bound(token: bytes) -> int | None:
+    if _BOUND.fullmatch(token) is None:
+        return None
+    value = int(token)
+    return value if 1 <= value <= MAX_BOUND else None
+
+
+def _parse_iamat(fields: list[bytes], stripped: bytes) -> Message:
+    if len(fields) != 4:
+        return Invalid(stripped, "IAMAT needs 4 fields")
+    _, client, loc_tok, time_tok = fields
+    location = parse_location(loc_tok)
+    if location is None:
+        return Invalid(stripped, "bad location")
+    time_ns = parse_time(time_tok)
+    if time_ns is None:
+        return Invalid(stripped, "bad time")
+    return IAmAt(client, location, time_tok, time_ns)
+
+
+def _parse_whatsat(fields: list[bytes], stripped: bytes) -> Message:
+    if len(fields) != 4:
+        return Invalid(stripped, "WHATSAT needs 4 fields")
+    _, client, radius_tok, bound_tok = fields
+    radius = parse_radius(radius_tok)
+    if radius is None:
+        return Invalid(stripped, "radius must be a decimal in (0, 50] km")
+    bound = parse_bound(bound_tok)
+    if bound is None:
+        return Invalid(stripped, "bound must be an integer in [1, 20]")
+    return WhatsAt(client, radius, bound)
+
+
+def _parse_at(fields: list[bytes], stripped: bytes) -> Message:
+    if len(fields) != 6:
+        return Invalid(stripped, "AT needs 6 fields")
+    _, server, delta, client, loc_tok, time_tok = fields
+    if _DELTA.fullmatch(delta) is None:
+        return Invalid(stripped, "bad time difference")
+    location = parse_location(loc_tok)
+    if location is None:
+        return Invalid(stripped, "bad location")
+    time_ns = parse_time(time_tok)
+    if time_ns is None:
+        return Invalid(stripped, "bad time")
+    line = b" ".join(fields)
+    return At(server, delta, client, location, time_tok, time_ns, line)
+
+
+_PARSERS = {b"IAMAT": _parse_iamat, b"WHATSAT": _parse_whatsat, b"AT": _parse_at}
+
+
+def parse(line: bytes) -> Message | None:
+    """Parse one line (``\\n`` already removed). ``None`` means: blank, no reply.
+
+    ``bytes.split()`` with no argument splits on exactly the six ASCII white-space
+    bytes of the spec, unlike ``str.split()``.
+    """
+    fields = line.split()
+    if not fields:
+        return None
+    stripped = line.strip()
+    try:
+        stripped.decode("utf-8")
+    except UnicodeDecodeError:
+        return Invalid(stripped, "not UTF-8")
+    parser = _PARSERS.get(fields[0])
+    if parser is None:
+        return Invalid(stripped, "unknown command")
+    return parser(fields, stripped)
+
+
+# ---------------------------------------------------------------- formatting
+
+
+def format_delta(delta_ns: int) -> bytes:
+    """Signed seconds with exactly nine decimals: ``+0.263873386``."""
+    sign = b"+" if delta_ns >= 0 else b"-"
+    seconds, ns = divmod(abs(delta_ns), NS_PER_S)
+    return b"%s%d.%09d" % (sign, seconds, ns)
+
+
+def make_at(server: bytes, msg: IAmAt, now_ns: int) -> At:
+    """The record (and reply) a server makes for an IAMAT received at ``now_ns``."""
+    delta = format_delta(now_ns - msg.time_ns)
+    line = b"AT %s %s %s %s %s" % (server, delta, msg.client, msg.location.raw, msg.time_raw)
+    return At(server, delta, msg.client, msg.location, msg.time_raw, msg.time_ns, line)
+
+
+def format_invalid(stripped: bytes) -> bytes:
+    return b"? " + stripped + b"\n"
+
+
+_NEWLINE_RUNS = re.compile(rb"\n{2,}")
+
+
+def format_places_json(payload: dict[str, Any]) -> bytes:
+    """Places JSON as the spec wants it: newline runs collapsed, none trailing."""
+    text = json.dumps(payload, indent=3, ensure_ascii=False).encode("utf-8")
+    return _NEWLINE_RUNS.sub(b"\n", text).rstrip(b"\n")
+
+
+def format_whatsat_reply(at_line: bytes, payload: dict[str, Any]) -> bytes:
+    return at_line + b"\n" + format_places_json(payload) + b"\n\n"
+
+
+def cut_results(payload: dict[str, Any], bound: int) -> dict[str, Any]:
+    """A copy of a legacy Nearby Search payload with ``results`` cut to ``bound``."""
+    results = payload.get("results")
+    if isinstance(results, list) and len(results) > bound:
+        payload = dict(payload, results=results[:bound])
+    return payload
+
+
+def places_error(status: str, message: str) -> dict[str, Any]:
+    """The error shape of the spec: empty results, a Google status word, a message."""
+    return {"html_attributions": [], "results": [], "status": status, "error_message": message}
