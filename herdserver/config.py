@@ -9,6 +9,7 @@ from __future__ import annotations
 import configparser
 import ipaddress
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Callable, TypeVar
 
@@ -54,6 +55,13 @@ class PlacesSettings:
     connect_timeout: float = 0.0  # 0: same as timeout
     pool_size: int = 100
     field_mask: str = ""  # empty: the minimal mask of places.py
+
+
+def effective_provider(settings: PlacesSettings, environ: Mapping[str, str]) -> str:
+    """What ``auto`` stands for: google with a key in the environment, else offline."""
+    if settings.provider != "auto":
+        return settings.provider
+    return "google" if environ.get(settings.api_key_env) else "offline"
 
 
 @dataclass(frozen=True)

@@ -254,3 +254,78 @@ def cut_results(payload: dict[str, Any], bound: int) -> dict[str, Any]:
 def places_error(status: str, message: str) -> dict[str, Any]:
     """The error shape of the spec: empty results, a Google status word, a message."""
     return {"html_attributions": [], "results": [], "status": status, "error_message": message}
+
+
+# ---------------------------------------------------------------- framing
+
+
+@dataclass(frozen=True, slots=True)
+class Overlong:
+    """A line past the limit: only its first bytes are kept, for the ``? `` reply."""
+
+    prefix: bytes
+
+
+OVERLONG_ECHO_BYTES = 256  # how much of an over-long line the ``? `` reply carries
+
+
+class LineSplitter:
+    """Bytes in, complete lines out, never holding more than ``limit`` bytes.
+
+    ``feed`` returns the lines (``bytes`` without ``\\n``) and ``Overlong``
+    markers completed by the data; ``finish`` returns the unterminated last
+    line at the client's EOF. Once a line passes the limit it is answered at
+    once and the rest of it, up to the next ``\\n``, is discarded as it arrives.
+    """
+
+    __slots__ = ("limit", "buffer", "discarding")
+
+    def __init__(self, limit: int = 8192):
+        self.limit = limit
+        self.buffer = bytearray()
+        self.discarding = False
+
+    def feed(self, data: bytes) -> list[bytes | Overlong]:
+        out: list[bytes | Overlong] = []
+        start = 0
+        while True:
+            end = data.find(b"\n", start)
+            if end < 0:
+                self._keep(data[start:], out)
+                return out
+            if self.discarding:
+                self.discarding = False
+            elif self.buffer:
+                self.buffer += data[start:end]
+                out.append(self._take(len(self.buffer)))
+            elif end - start > self.limit:
+                out.append(Overlong(data[start:start + OVERLONG_ECHO_BYTES]))
+            else:
+                out.append(data[start:end])
+            start = end + 1
+
+    def _keep(self, tail: bytes, out: list[bytes | Overlong]) -> None:
+        if self.discarding or not tail:
+            return
+        self.buffer += tail
+        if len(self.buffer) > self.limit:
+            out.append(Overlong(bytes(self.buffer[:OVERLONG_ECHO_BYTES])))
+            self.buffer = bytearray()
+            self.discarding = True
+
+    def _take(self, n: int) -> bytes | Overlong:
+        line = bytes(self.buffer)
+        self.buffer = bytearray()  # a fresh, empty buffer: idle connections hold nothing
+        if n > self.limit:
+            return Overlong(line[:OVERLONG_ECHO_BYTES])
+        return line
+
+    def finish(self) -> list[bytes | Overlong]:
+        """At EOF: the last line if it had no ``\\n`` (and was not being discarded)."""
+        if self.discarding or not self.buffer:
+            return []
+        return [self._take(len(self.buffer))]
+
+
+def overlong_reply(marker: Overlong) -> bytes:
+    return format_invalid(marker.prefix.strip())

@@ -1,0 +1,301 @@
+"""One herd server: a gevent StreamServer, a greenlet per client, a forwarder per neighbor.
+
+Everything protocol-shaped is delegated to ``protocol`` (pure); this module
+only moves bytes between sockets, the store, the forwarders and Places.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import gevent
+from gevent.event import Event
+from gevent.greenlet import Greenlet
+from gevent.pool import Group, Pool
+from gevent.server import StreamServer
+
+from . import logs, protocol
+from .config import HerdConfig
+from .peers import Forwarder
+from .places import Provider, make_provider
+from .protocol import At, IAmAt, Invalid, LineSplitter, Overlong, WhatsAt
+from .store import Store
+
+RECV_BYTES = 65536
+LOG_FLUSH_SECONDS = 0.2
+MAX_PIPELINED_WHATSAT = 20  # Places calls in flight for one connection at once
+# Errors that mean "the client went away": logged as a plain close, no traceback.
+QUIET_ERRNOS = {errno.EPIPE, errno.ECONNRESET, errno.ECONNABORTED, errno.ETIMEDOUT, errno.ENOTCONN}
+
+
+@dataclass
+class Connection:
+    """Per-client state; ``busy`` while a batch of commands is being answered."""
+
+    id: int
+    peer: str
+    busy: bool = False
+
+
+@dataclass
+class Stats:
+    iamat: int = 0
+    whatsat: int = 0
+    at_received: int = 0
+    at_stored: int = 0
+    invalid: int = 0
+    crashes: list[str] = field(default_factory=list)
+
+
+class HerdServer:
+    """Owns its listener, its greenlets and its log; can be started and stopped in-process."""
+
+    def __init__(
+        self,
+        config: HerdConfig,
+        name: str,
+        *,
+        listener: socket.socket | None = None,
+        provider: Provider | None = None,
+        clock: Callable[[], int] = time.time_ns,
+    ):
+        self.config = config
+        self.me = config.server(name)
+        self.name = name
+        self.name_bytes = name.encode("utf-8")
+        self.clock = clock
+        self.limits = config.limits
+        self.store = Store()
+        self.stats = Stats()
+        self.log, self._log_handler = logs.setup(name, config.log_path(name), config.log_level)
+        self.provider = provider if provider is not None else make_provider(config.places)
+        self.forwarders = {
+            neighbor: Forwarder(config.servers[neighbor], config.peers, self.store.lines, self.log)
+            for neighbor in self.me.neighbors
+        }
+        self.connections: dict[Greenlet, Connection] = {}
+        self._conn_ids = itertools.count(1)
+        self._workers = Group()  # forwarders and the log flusher
+        self._pool = Pool(self.limits.max_connections)
+        self._stopped = Event()
+        self._server = StreamServer(
+            listener if listener is not None else (self.me.host, self.me.port),
+            self._handle,
+            spawn=self._pool,
+            backlog=1024,
+        )
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return self._server.server_host, self._server.server_port
+
+    def start(self) -> None:
+        self._server.start()
+        self.log.info(
+            "start",
+            address="%s:%d" % self.address,
+            neighbors=",".join(self.me.neighbors) or "-",
+            provider=self.provider.name,
+        )
+        for forwarder in self.forwarders.values():
+            self._spawn_worker(forwarder.run)
+        self._spawn_worker(self._flush_logs)
+
+    def _spawn_worker(self, func: Callable[[], None]) -> None:
+        greenlet = self._workers.spawn(func)
+        greenlet.link_exception(self._worker_died)
+
+    def _worker_died(self, greenlet: Greenlet) -> None:
+        # Long-lived greenlets never end by themselves: a death is a bug, made loud.
+        self.stats.crashes.append(repr(greenlet.exception))
+        self.log.error("worker_crashed", worker=str(greenlet), error=repr(greenlet.exception))
+
+    def serve_forever(self) -> None:
+        self.start()
+        self._stopped.wait()
+
+    def stop(self, grace: float | None = None) -> None:
+        """Graceful stop: refuse new clients, drop idle ones, let busy ones finish."""
+        if self._stopped.is_set():
+            return
+        grace = self.limits.shutdown_grace if grace is None else grace
+        self._server.close()
+        for greenlet, conn in list(self.connections.items()):
+            if not conn.busy:
+                greenlet.kill(block=False)
+        self._pool.join(timeout=grace)
+        self._pool.kill(timeout=1)
+        self._workers.kill(timeout=1)
+        self.provider.close()
+        self.log.info("stop", clients_left=len(self.connections), records=len(self.store))
+        self._log_handler.close()
+        self._stopped.set()
+
+    def _flush_logs(self) -> None:
+        while True:
+            gevent.sleep(LOG_FLUSH_SECONDS)
+            self._log_handler.flush()
+
+    # -- one client connection -----------------------------------------------------------
+
+    def _handle(self, sock: socket.socket, address: Any) -> None:
+        conn = Connection(next(self._conn_ids), _format_address(address))
+        current = gevent.getcurrent()
+        self.connections[current] = conn  # type: ignore[index]
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.log.info("open", conn=conn.id, peer=conn.peer)
+        reason = "eof"
+        try:
+            self._serve(sock, conn)
+        except OSError as exc:
+            reason = errno.errorcode.get(exc.errno or 0, type(exc).__name__)
+            if exc.errno not in QUIET_ERRNOS:
+                self.log.exception("connection_error", conn=conn.id)
+        except gevent.GreenletExit:
+            reason = "server_stop"
+            raise
+        except Exception as exc:  # a bug: log it loudly, keep serving everyone else
+            reason = "crash"
+            self.stats.crashes.append(repr(exc))
+            self.log.exception("connection_crashed", conn=conn.id)
+        finally:
+            self.connections.pop(current, None)  # type: ignore[call-overload]
+            self.log.info("close", conn=conn.id, reason=reason)
+            sock.close()
+
+    def _serve(self, sock: socket.socket, conn: Connection) -> None:
+        splitter = LineSplitter(self.limits.max_line_bytes)
+        idle = self.limits.idle_timeout or None
+        while True:
+            data = _recv(sock, idle)
+            if data is None:
+                self.log.info("idle_timeout", conn=conn.id)
+                return
+            items = splitter.feed(data) if data else splitter.finish()
+            if items:
+                conn.busy = True
+                out = self._answer(items, conn)
+                if out:
+                    sock.sendall(out)
+                conn.busy = False
+            if not data:
+                return  # EOF: everything owed has been written
+
+    def _answer(self, items: list[bytes | Overlong], conn: Connection) -> bytes:
+        """Replies to a batch of lines, in order; Places calls of the batch overlap."""
+        replies: list[bytes | gevent.Greenlet] = []
+        in_flight = 0
+        for item in items:
+            if in_flight >= MAX_PIPELINED_WHATSAT:
+                replies = [r if isinstance(r, bytes) else r.get() for r in replies]
+                in_flight = 0
+            reply = self._dispatch(item, conn)
+            if isinstance(reply, gevent.Greenlet):
+                in_flight += 1
+            if reply:
+                replies.append(reply)
+        return b"".join(r if isinstance(r, bytes) else r.get() for r in replies)
+
+    def _dispatch(self, item: bytes | Overlong, conn: Connection) -> bytes | gevent.Greenlet | None:
+        if isinstance(item, Overlong):
+            self.stats.invalid += 1
+            self.log.info("in", conn=conn.id, overlong=item.prefix)
+            return self._reply(conn, protocol.overlong_reply(item))
+        msg = protocol.parse(item)
+        if msg is None:
+            return None
+        self.log.info("in", conn=conn.id, line=item)
+        if isinstance(msg, IAmAt):
+            return self._reply(conn, self._iamat(msg))
+        if isinstance(msg, At):
+            self._at(msg, conn)
+            return None
+        if isinstance(msg, WhatsAt):
+            record = self.store.get(msg.client)
+            if record is not None:
+                self.stats.whatsat += 1
+                return gevent.spawn(self._whatsat, msg, record, conn)
+            msg = Invalid(item.strip(), "unknown client")
+        self.stats.invalid += 1
+        self.log.info("invalid", conn=conn.id, reason=msg.reason)
+        return self._reply(conn, protocol.format_invalid(msg.line))
+
+    def _reply(self, conn: Connection, data: bytes) -> bytes:
+        self.log.info("out", conn=conn.id, data=data)
+        return data
+
+    # -- the three commands ------------------------------------------------------------
+
+    def _iamat(self, msg: IAmAt) -> bytes:
+        self.stats.iamat += 1
+        record = protocol.make_at(self.name_bytes, msg, self.clock())
+        if self.store.offer(record):
+            self._flood(record)
+        return record.line + b"\n"
+
+    def _at(self, msg: At, conn: Connection) -> None:
+        self.stats.at_received += 1
+        if self.store.offer(msg):
+            self.stats.at_stored += 1
+            self._flood(msg)
+        else:
+            self.log.debug("at_dropped", conn=conn.id, client=msg.client)
+
+    def _flood(self, record: At) -> None:
+        for forwarder in self.forwarders.values():
+            forwarder.offer(record.client, record.line)
+
+    def _whatsat(self, msg: WhatsAt, record: At, conn: Connection) -> bytes:
+        payload = self.places_call(record, msg.radius_m, msg.bound)
+        return self._reply(conn, protocol.format_whatsat_reply(record.line, payload))
+
+    def places_call(self, record: At, radius_m: float, bound: int) -> dict[str, Any]:
+        """Ask the provider; whatever happens, a payload in the legacy shape comes back."""
+        started = time.perf_counter()
+        # The provider has its own HTTP timeouts; this bounds the whole call as well
+        # (a server that trickles bytes resets a per-read timeout forever).
+        deadline = self.config.places.timeout * 2 + 1
+        payload: dict[str, Any] | None = None
+        try:
+            with gevent.Timeout(deadline, False):
+                payload = self.provider.nearby(record.location.lat, record.location.lon, radius_m, bound)
+        except Exception:
+            self.log.exception("places_crashed", provider=self.provider.name)
+            payload = protocol.places_error("UNKNOWN_ERROR", "internal error while asking Places")
+        if payload is None:
+            payload = protocol.places_error("UNKNOWN_ERROR", f"Places did not answer within {deadline:g} s")
+        payload = protocol.cut_results(payload, bound)
+        self.log.info(
+            "places",
+            provider=self.provider.name,
+            status=payload.get("status"),
+            results=len(payload.get("results") or []),
+            ms="%.1f" % ((time.perf_counter() - started) * 1000),
+        )
+        return payload
+
+
+def _recv(sock: socket.socket, idle: float | None) -> bytes | None:
+    """Next chunk, ``b""`` at EOF, ``None`` when the idle timeout passed.
+
+    ``gevent.Timeout`` rather than ``settimeout``: the socket stays blocking-mode.
+    """
+    if idle is None:
+        return sock.recv(RECV_BYTES)
+    with gevent.Timeout(idle, False):
+        return sock.recv(RECV_BYTES)
+    return None
+
+
+def _format_address(address: Any) -> str:
+    if isinstance(address, tuple) and len(address) >= 2:
+        return f"{address[0]}:{address[1]}"
+    return str(address)
