@@ -32,7 +32,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("name", metavar="NAME", help="the server to run: a [server:NAME] section of the file")
     parser.add_argument(
-        "--config", default="herd.ini", metavar="PATH", help="the herd file (default: herd.ini in the current directory)"
+        "--config", default="herd.ini", metavar="PATH", help="the herd file (default: ./herd.ini)"
     )
     parser.add_argument("--version", action="version", version=f"herdserver {__version__}")
     return parser.parse_args(argv)

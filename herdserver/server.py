@@ -88,7 +88,7 @@ class HerdServer:
             listener if listener is not None else (self.me.host, self.me.port),
             self._handle,
             spawn=self._pool,
-            backlog=1024,
+            backlog=None if listener is not None else 1024,
         )
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -149,7 +149,7 @@ class HerdServer:
     def _handle(self, sock: socket.socket, address: Any) -> None:
         conn = Connection(next(self._conn_ids), _format_address(address))
         current = gevent.getcurrent()
-        self.connections[current] = conn  # type: ignore[index]
+        self.connections[current] = conn
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.log.info("open", conn=conn.id, peer=conn.peer)
         reason = "eof"
@@ -167,7 +167,7 @@ class HerdServer:
             self.stats.crashes.append(repr(exc))
             self.log.exception("connection_crashed", conn=conn.id)
         finally:
-            self.connections.pop(current, None)  # type: ignore[call-overload]
+            self.connections.pop(current, None)
             self.log.info("close", conn=conn.id, reason=reason)
             sock.close()
 
