@@ -9,9 +9,9 @@ from __future__ import annotations
 import configparser
 import ipaddress
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Callable, TypeVar
+from typing import TypeVar
 
 PROVIDERS = ("auto", "offline", "google", "google-legacy")
 

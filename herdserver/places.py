@@ -15,6 +15,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
+from urllib.parse import quote, quote_plus
 
 import requests
 from requests.adapters import HTTPAdapter
@@ -55,8 +56,10 @@ class UpstreamError(Exception):
 
 def redact(text: str, secret: str | None) -> str:
     if secret:
-        text = text.replace(secret, "<redacted>")
-        text = text.replace(requests.utils.quote(secret, safe=""), "<redacted>")
+        # Raw, percent-encoded (URL paths) and form-encoded (query strings, as
+        # requests builds them from ``params``) spellings of the key.
+        for spelling in (secret, quote(secret, safe=""), quote_plus(secret, safe="")):
+            text = text.replace(spelling, "<redacted>")
     return text
 
 
@@ -109,7 +112,8 @@ class _HttpProvider:
             return places_error("UNKNOWN_ERROR", f"Places did not answer within {self.settings.timeout:g} s")
         except requests.RequestException as exc:
             # requests puts the whole URL (legacy: with key=...) into its messages.
-            return places_error("UNKNOWN_ERROR", redact(f"cannot reach Places: {type(exc).__name__}: {exc}", self.api_key))
+            message = f"cannot reach Places: {type(exc).__name__}: {exc}"
+            return places_error("UNKNOWN_ERROR", redact(message, self.api_key))
 
     def _search(self, lat: float, lon: float, radius_m: float, bound: int) -> dict[str, Any]:
         raise NotImplementedError
@@ -119,7 +123,12 @@ class _HttpProvider:
         try:
             return response.json()
         except ValueError:
-            raise UpstreamError("UNKNOWN_ERROR", f"Places answered HTTP {response.status_code} with invalid JSON") from None
+            if response.status_code != 200:
+                # An error page that is not JSON (a proxy's or Google's front
+                # end's HTML): the HTTP status still says what happened.
+                return None
+            message = f"Places answered HTTP {response.status_code} with invalid JSON"
+            raise UpstreamError("UNKNOWN_ERROR", message) from None
 
 
 class GoogleNewProvider(_HttpProvider):
@@ -208,7 +217,40 @@ def legacy_result(place: Mapping[str, Any]) -> dict[str, Any]:
         result["vicinity"] = place["shortFormattedAddress"]
     elif "formattedAddress" in place:
         result["vicinity"] = place["formattedAddress"]
+    # Fields outside the default mask, mapped when a configured field_mask asks
+    # for them (each raises the request to a dearer SKU).
+    for new_name, legacy_name in _PLAIN_FIELDS:
+        if new_name in place:
+            result[legacy_name] = place[new_name]
+    if place.get("priceLevel") in _PRICE_LEVELS:
+        result["price_level"] = _PRICE_LEVELS[place["priceLevel"]]
+    plus_code = place.get("plusCode")
+    if isinstance(plus_code, dict):
+        result["plus_code"] = {
+            legacy: plus_code[new] for new, legacy in (("compoundCode", "compound_code"), ("globalCode", "global_code"))
+            if new in plus_code
+        }
+    hours = place.get("currentOpeningHours")
+    if isinstance(hours, dict) and "openNow" in hours:
+        result["opening_hours"] = {"open_now": hours["openNow"]}
     return result
+
+
+# Same value, new name (Google's "Migrate the Places API response" table).
+_PLAIN_FIELDS = (
+    ("rating", "rating"),
+    ("userRatingCount", "user_ratings_total"),
+    ("iconMaskBaseUri", "icon_mask_base_uri"),
+    ("iconBackgroundColor", "icon_background_color"),
+)
+# The new API's PriceLevel enum against the legacy 0-4 scale.
+_PRICE_LEVELS = {
+    "PRICE_LEVEL_FREE": 0,
+    "PRICE_LEVEL_INEXPENSIVE": 1,
+    "PRICE_LEVEL_MODERATE": 2,
+    "PRICE_LEVEL_EXPENSIVE": 3,
+    "PRICE_LEVEL_VERY_EXPENSIVE": 4,
+}
 
 
 class GoogleLegacyProvider(_HttpProvider):
@@ -228,9 +270,18 @@ class GoogleLegacyProvider(_HttpProvider):
         body = self._json(response)
         if response.status_code != 200:
             message = body.get("error_message") if isinstance(body, dict) else None
-            raise UpstreamError(_status_for_http(response.status_code), message or f"Places answered HTTP {response.status_code}")
+            message = str(message) if message else f"Places answered HTTP {response.status_code}"
+            raise UpstreamError(_status_for_http(response.status_code), message)
         if not isinstance(body, dict) or not isinstance(body.get("results", []), list):
             raise UpstreamError("UNKNOWN_ERROR", "Places answered with JSON of an unexpected shape")
+        status = body.get("status")
+        if status not in ("OK", "ZERO_RESULTS"):
+            # REQUEST_DENIED, INVALID_REQUEST, OVER_QUERY_LIMIT ... come with
+            # HTTP 200; Google often sends no error_message (INVALID_REQUEST),
+            # but the spec's error shape always has one.
+            word = status if isinstance(status, str) and status else "UNKNOWN_ERROR"
+            message = body.get("error_message")
+            raise UpstreamError(word, str(message) if message else f"Places answered status {word}")
         if "error_message" in body:
             body["error_message"] = redact(str(body["error_message"]), self.api_key)
         return cut_results(body, bound)

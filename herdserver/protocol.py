@@ -15,7 +15,7 @@ import json
 import re
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import Any, Union
+from typing import Any
 
 NS_PER_S = 1_000_000_000
 
@@ -36,7 +36,12 @@ MAX_RADIUS_KM = 50
 MAX_BOUND = 20
 
 
-@dataclass(frozen=True, slots=True)
+# Records are plain (not frozen) slotted dataclasses: frozen ones pay an
+# object.__setattr__ per field, a measurable share of an IAMAT's CPU. Nothing
+# mutates them after construction.
+
+
+@dataclass(slots=True)
 class Location:
     """A validated ISO 6709 location; the original bytes are kept for echoing."""
 
@@ -45,7 +50,7 @@ class Location:
     lon: float
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class IAmAt:
     client: bytes
     location: Location
@@ -53,7 +58,7 @@ class IAmAt:
     time_ns: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class WhatsAt:
     client: bytes
     radius_km: Decimal
@@ -64,7 +69,7 @@ class WhatsAt:
         return float(self.radius_km * 1000)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class At:
     """A location record as flooded between servers (and stored)."""
 
@@ -82,13 +87,13 @@ class At:
         return (self.time_ns, self.line)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Invalid:
     line: bytes  # the command with leading/trailing white space removed
     reason: str  # for logs only; never sent to the client
 
 
-Message = Union[IAmAt, WhatsAt, At, Invalid]
+Message = IAmAt | WhatsAt | At | Invalid
 
 
 def _fraction_ns(frac: bytes | None) -> int:
@@ -144,46 +149,45 @@ def parse_bound(token: bytes) -> int | None:
     return value if 1 <= value <= MAX_BOUND else None
 
 
-def _parse_iamat(fields: list[bytes], stripped: bytes) -> Message:
+def _parse_iamat(fields: list[bytes], line: bytes) -> Message:
     if len(fields) != 4:
-        return Invalid(stripped, "IAMAT needs 4 fields")
+        return Invalid(line.strip(), "IAMAT needs 4 fields")
     _, client, loc_tok, time_tok = fields
     location = parse_location(loc_tok)
     if location is None:
-        return Invalid(stripped, "bad location")
+        return Invalid(line.strip(), "bad location")
     time_ns = parse_time(time_tok)
     if time_ns is None:
-        return Invalid(stripped, "bad time")
+        return Invalid(line.strip(), "bad time")
     return IAmAt(client, location, time_tok, time_ns)
 
 
-def _parse_whatsat(fields: list[bytes], stripped: bytes) -> Message:
+def _parse_whatsat(fields: list[bytes], line: bytes) -> Message:
     if len(fields) != 4:
-        return Invalid(stripped, "WHATSAT needs 4 fields")
+        return Invalid(line.strip(), "WHATSAT needs 4 fields")
     _, client, radius_tok, bound_tok = fields
     radius = parse_radius(radius_tok)
     if radius is None:
-        return Invalid(stripped, "radius must be a decimal in (0, 50] km")
+        return Invalid(line.strip(), "radius must be a decimal in (0, 50] km")
     bound = parse_bound(bound_tok)
     if bound is None:
-        return Invalid(stripped, "bound must be an integer in [1, 20]")
+        return Invalid(line.strip(), "bound must be an integer in [1, 20]")
     return WhatsAt(client, radius, bound)
 
 
-def _parse_at(fields: list[bytes], stripped: bytes) -> Message:
+def _parse_at(fields: list[bytes], line: bytes) -> Message:
     if len(fields) != 6:
-        return Invalid(stripped, "AT needs 6 fields")
+        return Invalid(line.strip(), "AT needs 6 fields")
     _, server, delta, client, loc_tok, time_tok = fields
     if _DELTA.fullmatch(delta) is None:
-        return Invalid(stripped, "bad time difference")
+        return Invalid(line.strip(), "bad time difference")
     location = parse_location(loc_tok)
     if location is None:
-        return Invalid(stripped, "bad location")
+        return Invalid(line.strip(), "bad location")
     time_ns = parse_time(time_tok)
     if time_ns is None:
-        return Invalid(stripped, "bad time")
-    line = b" ".join(fields)
-    return At(server, delta, client, location, time_tok, time_ns, line)
+        return Invalid(line.strip(), "bad time")
+    return At(server, delta, client, location, time_tok, time_ns, b" ".join(fields))
 
 
 _PARSERS = {b"IAMAT": _parse_iamat, b"WHATSAT": _parse_whatsat, b"AT": _parse_at}
@@ -198,15 +202,15 @@ def parse(line: bytes) -> Message | None:
     fields = line.split()
     if not fields:
         return None
-    stripped = line.strip()
-    try:
-        stripped.decode("utf-8")
-    except UnicodeDecodeError:
-        return Invalid(stripped, "not UTF-8")
+    if not line.isascii():  # the common case skips the decode entirely
+        try:
+            line.decode("utf-8")
+        except UnicodeDecodeError:
+            return Invalid(line.strip(), "not UTF-8")
     parser = _PARSERS.get(fields[0])
     if parser is None:
-        return Invalid(stripped, "unknown command")
-    return parser(fields, stripped)
+        return Invalid(line.strip(), "unknown command")
+    return parser(fields, line)
 
 
 # ---------------------------------------------------------------- formatting
@@ -235,7 +239,9 @@ _NEWLINE_RUNS = re.compile(rb"\n{2,}")
 
 def format_places_json(payload: dict[str, Any]) -> bytes:
     """Places JSON as the spec wants it: newline runs collapsed, none trailing."""
-    text = json.dumps(payload, indent=3, ensure_ascii=False).encode("utf-8")
+    # backslashreplace: a lone surrogate (legal in decoded JSON) becomes its own
+    # JSON escape \udXXX instead of raising UnicodeEncodeError.
+    text = json.dumps(payload, indent=3, ensure_ascii=False).encode("utf-8", "backslashreplace")
     return _NEWLINE_RUNS.sub(b"\n", text).rstrip(b"\n")
 
 
@@ -259,7 +265,7 @@ def places_error(status: str, message: str) -> dict[str, Any]:
 # ---------------------------------------------------------------- framing
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Overlong:
     """A line past the limit: only its first bytes are kept, for the ``? `` reply."""
 
@@ -278,10 +284,13 @@ class LineSplitter:
     once and the rest of it, up to the next ``\\n``, is discarded as it arrives.
     """
 
-    __slots__ = ("limit", "buffer", "discarding")
+    __slots__ = ("buffer", "discarding", "echo", "limit")
 
     def __init__(self, limit: int = 8192):
         self.limit = limit
+        # Never more than the limit: every over-long line has that many bytes whatever
+        # the chunking, so the ``? `` reply does not depend on how TCP split the data.
+        self.echo = min(OVERLONG_ECHO_BYTES, limit)
         self.buffer = bytearray()
         self.discarding = False
 
@@ -299,7 +308,7 @@ class LineSplitter:
                 self.buffer += data[start:end]
                 out.append(self._take(len(self.buffer)))
             elif end - start > self.limit:
-                out.append(Overlong(data[start:start + OVERLONG_ECHO_BYTES]))
+                out.append(Overlong(data[start : min(end, start + self.echo)]))  # never past the \n
             else:
                 out.append(data[start:end])
             start = end + 1
@@ -309,7 +318,7 @@ class LineSplitter:
             return
         self.buffer += tail
         if len(self.buffer) > self.limit:
-            out.append(Overlong(bytes(self.buffer[:OVERLONG_ECHO_BYTES])))
+            out.append(Overlong(bytes(self.buffer[: self.echo])))
             self.buffer = bytearray()
             self.discarding = True
 
@@ -317,7 +326,7 @@ class LineSplitter:
         line = bytes(self.buffer)
         self.buffer = bytearray()  # a fresh, empty buffer: idle connections hold nothing
         if n > self.limit:
-            return Overlong(line[:OVERLONG_ECHO_BYTES])
+            return Overlong(line[: self.echo])
         return line
 
     def finish(self) -> list[bytes | Overlong]:

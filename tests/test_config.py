@@ -1,0 +1,315 @@
+"""herd.ini: the repository's file, and every error naming file, section and key."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from herdserver import config
+from herdserver.config import ConfigError, Limits, PeerSettings, PlacesSettings, ServerConfig, effective_provider
+
+REPO = Path(__file__).resolve().parent.parent
+
+TWO = """\
+[herd]
+host = 127.0.0.1
+log_dir = logs
+
+[server:A]
+port = 13000
+neighbors = B
+
+[server:B]
+port = 13001
+neighbors = A
+"""
+
+
+def write(tmp_path: Path, text: str, name: str = "herd.ini") -> Path:
+    path = tmp_path / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def error(tmp_path: Path, text: str) -> tuple[Path, str]:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        config.load(path)
+    return path, str(info.value)
+
+
+def test_repository_herd_ini() -> None:
+    cfg = config.load(REPO / "herd.ini")
+    assert cfg.path == str(REPO / "herd.ini")
+    assert cfg.servers == {
+        "Alford": ServerConfig("Alford", "127.0.0.1", 12000, ("Hamilton", "Welsh")),
+        "Ball": ServerConfig("Ball", "127.0.0.1", 12001, ("Holiday", "Welsh")),
+        "Hamilton": ServerConfig("Hamilton", "127.0.0.1", 12002, ("Alford", "Holiday")),
+        "Holiday": ServerConfig("Holiday", "127.0.0.1", 12003, ("Ball", "Hamilton")),
+        "Welsh": ServerConfig("Welsh", "127.0.0.1", 12004, ("Alford", "Ball")),
+    }
+    for name, server in cfg.servers.items():  # every link both ways
+        for neighbor in server.neighbors:
+            assert name in cfg.servers[neighbor].neighbors
+    assert sum(len(s.neighbors) for s in cfg.servers.values()) == 10
+    assert cfg.log_dir == str(REPO / "logs")
+    assert cfg.log_path("Welsh") == str(REPO / "logs" / "Welsh.log")
+    assert cfg.log_level == "INFO"
+    assert cfg.places == PlacesSettings(provider="auto", api_key_env="GOOGLE_PLACES_API_KEY", base_url="", timeout=5.0)
+    assert cfg.limits == Limits()
+    assert cfg.peers == PeerSettings()
+    assert cfg.server("Ball").port == 12001
+
+
+def test_unknown_server_name(tmp_path: Path) -> None:
+    cfg = config.load(write(tmp_path, TWO))
+    with pytest.raises(ConfigError, match=r"herd\.ini: no server named 'C' \(known: A, B\)$"):
+        cfg.server("C")
+
+
+def test_inline_comments(tmp_path: Path) -> None:
+    text = """\
+; a comment line
+[herd]
+host = 127.0.0.1          ; default host
+log_dir = here            ; relative to the file
+
+[places]
+provider = offline        ; no key needed
+api_key_env = MY_KEY      ; the key itself is never in the file
+base_url =                ; empty: Google
+timeout = 2.5             ; seconds
+
+[server:A]
+port = 13000   ; the port
+neighbors = B  ; one neighbor
+; host = 10.0.0.5
+
+[server:B]
+port = 13001
+"""
+    cfg = config.load(write(tmp_path, text))
+    assert cfg.servers == {
+        "A": ServerConfig("A", "127.0.0.1", 13000, ("B",)),
+        "B": ServerConfig("B", "127.0.0.1", 13001, ("A",)),
+    }
+    assert cfg.places == PlacesSettings(provider="offline", api_key_env="MY_KEY", base_url="", timeout=2.5)
+    assert cfg.log_dir == str(tmp_path / "here")
+
+
+def test_link_named_on_one_side_is_both_ways(tmp_path: Path) -> None:
+    text = """\
+[server:A]
+port = 13000
+neighbors = B, C
+[server:B]
+port = 13001
+[server:C]
+port = 13002
+neighbors = A
+[server:D]
+port = 13003
+"""
+    cfg = config.load(write(tmp_path, text))
+    assert {name: s.neighbors for name, s in cfg.servers.items()} == {
+        "A": ("B", "C"),
+        "B": ("A",),
+        "C": ("A",),
+        "D": (),
+    }
+
+
+@pytest.mark.parametrize(
+    ("text", "where", "problem"),
+    [
+        (TWO.replace("neighbors = A", "neighbors = A, Zed"), "[server:B] neighbors", "unknown server 'Zed'"),
+        (TWO.replace("neighbors = B", "neighbors = A"), "[server:A] neighbors", "a server cannot be its own neighbor"),
+        (TWO.replace("13001", "13000"), "[server:B] port", "127.0.0.1:13000 is already used by server A"),
+        (TWO.replace("port = 13001\n", ""), "[server:B] port", "missing"),
+        (TWO.replace("13001", "0"), "[server:B] port", "must be between 1 and 65535"),
+        (TWO.replace("13001", "65536"), "[server:B] port", "must be between 1 and 65535"),
+        (TWO.replace("13001", "-1"), "[server:B] port", "must be between 1 and 65535"),
+        (TWO.replace("13001", "abc"), "[server:B] port", "'abc' is not an integer"),
+        (TWO.replace("13001", "13001.0"), "[server:B] port", "'13001.0' is not an integer"),
+        (TWO.replace("13001", ""), "[server:B] port", "'' is not an integer"),
+        (TWO.replace("13001", "13001;x"), "[server:B] port", "'13001;x' is not an integer"),  # ; needs a blank before
+        (TWO + "prot = 1\n", "[server:B] prot", "unknown key"),
+        (TWO.replace("[herd]\n", "[herd]\nhots = x\n"), "[herd] hots", "unknown key"),
+        (TWO + "[places]\napikey = secret\n", "[places] apikey", "unknown key"),
+        (TWO + "[limits]\nmax_line = 10\n", "[limits] max_line", "unknown key"),
+        (TWO + "[peers]\nbackoff = 1\n", "[peers] backoff", "unknown key"),
+        (TWO + "[places]\nprovider = bing\n", "[places] provider", "'bing' is not one of auto, offline, google"),
+        (TWO + "[places]\nbase_url = ftp://x\n", "[places] base_url", "'ftp://x' must be empty or scheme://host"),
+        (TWO + "[places]\nbase_url = localhost:8080\n", "[places] base_url", "'localhost:8080' must be empty"),
+        (TWO + "[places]\napi_key_env = MY-KEY\n", "[places] api_key_env", "'MY-KEY' is not an environment"),
+        (TWO + "[places]\ntimeout = abc\n", "[places] timeout", "'abc' is not a number"),
+        (TWO + "[places]\ntimeout = nan\n", "[places] timeout", "'nan' is not a number"),
+        (TWO + "[places]\ntimeout = inf\n", "[places] timeout", "'inf' is not a number"),
+        (TWO + "[places]\ntimeout = 1e400\n", "[places] timeout", "'1e400' is not a number"),
+        (TWO + "[places]\ntimeout = 0\n", "[places] timeout", "must be at least 0.001"),
+        (TWO + "[places]\ntimeout = -5\n", "[places] timeout", "must be at least 0.001"),
+        (TWO + "[places]\npool_size = 0\n", "[places] pool_size", "must be between 1 and 10000"),
+        (TWO + "[places]\npool_size = 2.5\n", "[places] pool_size", "'2.5' is not an integer"),
+        (TWO + "[limits]\nmax_line_bytes = 10\n", "[limits] max_line_bytes", "must be between 64 and 16777216"),
+        (TWO + "[limits]\nidle_timeout = -1\n", "[limits] idle_timeout", "must be at least 0"),
+        (TWO + "[peers]\nbackoff_initial = 0\n", "[peers] backoff_initial", "must be at least 0.001"),
+        (
+            TWO + "[peers]\nbackoff_initial = 2\nbackoff_max = 1\n",
+            "[peers] backoff_max",
+            "must not be less than backoff_initial",
+        ),
+        (TWO.replace("[herd]\n", "[herd]\nlog_level = LOUD\n"), "[herd] log_level", "must be one of DEBUG, INFO"),
+        (TWO.replace("host = 127.0.0.1", "host = my_host"), "[herd] host", "'my_host' is not a host name"),
+        (TWO + "host = bad..name\n", "[server:B] host", "'bad..name' is not a host name"),
+        (TWO + "host = two words\n", "[server:B] host", "'two words' is not a host name"),
+    ],
+)
+def test_errors_name_file_section_and_key(tmp_path: Path, text: str, where: str, problem: str) -> None:
+    path, message = error(tmp_path, text)
+    assert message.startswith(f"{path}: {where}: {problem}"), message
+
+
+@pytest.mark.parametrize(
+    ("text", "where"),
+    [
+        (TWO + "[herds]\n", "[herds]"),
+        (TWO + "[DEFAULT]\nport = 1\n", "[DEFAULT]"),
+        (TWO + "[server]\nport = 1\n", "[server]"),
+    ],
+)
+def test_unknown_section(tmp_path: Path, text: str, where: str) -> None:
+    path, message = error(tmp_path, text)
+    assert message == f"{path}: {where}: unknown section (expected herd, places, limits, peers or server:NAME)"
+
+
+def test_bad_server_name(tmp_path: Path) -> None:
+    path, message = error(tmp_path, TWO + "[server:]\nport = 1\n")
+    assert message == f"{path}: [server:]: server name must be one word"
+
+
+def test_no_servers(tmp_path: Path) -> None:
+    path, message = error(tmp_path, "[herd]\nhost = 127.0.0.1\n")
+    assert message == f"{path}: no [server:NAME] sections"
+
+
+def test_same_port_on_other_hosts_is_fine(tmp_path: Path) -> None:
+    cfg = config.load(write(tmp_path, TWO.replace("port = 13001", "port = 13000\nhost = 127.0.0.2")))
+    assert (cfg.servers["A"].host, cfg.servers["A"].port) == ("127.0.0.1", 13000)
+    assert (cfg.servers["B"].host, cfg.servers["B"].port) == ("127.0.0.2", 13000)
+
+
+def test_file_not_found(tmp_path: Path) -> None:
+    path = tmp_path / "nope.ini"
+    with pytest.raises(ConfigError) as info:
+        config.load(path)
+    assert str(info.value) == f"{path}: file not found"
+
+
+def test_syntax_error(tmp_path: Path) -> None:
+    path, message = error(tmp_path, TWO.replace("port = 13001", "port = 13001\nthis line is garbage"))
+    assert message.startswith(f"{path}: ")
+    assert "[line 11]" in message
+    assert "'this line is garbage" in message
+    assert "\n" not in message
+
+
+def test_no_section_header(tmp_path: Path) -> None:
+    path, message = error(tmp_path, "port = 1\n" + TWO)
+    assert message.startswith(f"{path}: File contains no section headers")
+    assert "line: 1" in message
+
+
+def test_duplicate_key_names_section_and_key(tmp_path: Path) -> None:
+    path, message = error(tmp_path, TWO.replace("port = 13001", "port = 13001\nport = 13002"))
+    assert message.startswith(f"{path}: ")
+    assert "option 'port' in section 'server:B' already exists" in message
+
+
+def test_duplicate_section(tmp_path: Path) -> None:
+    path, message = error(tmp_path, TWO + "[server:A]\nport = 13005\n")
+    assert message.startswith(f"{path}: ")
+    assert "section 'server:A' already exists" in message
+
+
+def test_not_utf8(tmp_path: Path) -> None:
+    path = tmp_path / "herd.ini"
+    path.write_bytes(TWO.encode() + b"; caf\xe9\n")
+    with pytest.raises(ConfigError) as info:
+        config.load(path)
+    assert str(info.value).startswith(f"{path}: cannot read: ")
+
+
+def test_per_server_host(tmp_path: Path) -> None:
+    text = TWO.replace("host = 127.0.0.1", "host = 0.0.0.0") + "host = herd-b.example.com\n"
+    text += "[server:C]\nport = 13002\nhost = ::1\n"
+    cfg = config.load(write(tmp_path, text))
+    assert cfg.servers["A"].host == "0.0.0.0"
+    assert cfg.servers["B"].host == "herd-b.example.com"
+    assert cfg.servers["C"].host == "::1"
+
+
+def test_relative_log_dir_is_resolved_against_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    write(tmp_path, TWO.replace("log_dir = logs", "log_dir = ../var/log"), "etc/herd.ini")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    cfg = config.load(os.path.join("..", "etc", "herd.ini"))
+    assert cfg.log_dir == os.path.join(str(tmp_path / "etc"), "../var/log")
+    assert os.path.normpath(cfg.log_dir) == str(tmp_path / "var" / "log")
+    assert cfg.log_path("A") == os.path.join(cfg.log_dir, "A.log")
+
+
+def test_absolute_log_dir_is_kept(tmp_path: Path) -> None:
+    target = str(tmp_path / "abs" / "logs")
+    cfg = config.load(write(tmp_path, TWO.replace("log_dir = logs", f"log_dir = {target}"), "sub/herd.ini"))
+    assert cfg.log_dir == target
+
+
+def test_defaults_when_sections_are_missing(tmp_path: Path) -> None:
+    cfg = config.load(write(tmp_path, "[server:Solo]\nport = 13000\n"))
+    assert cfg.servers == {"Solo": ServerConfig("Solo", "127.0.0.1", 13000, ())}
+    assert cfg.log_dir == str(tmp_path / "logs")
+    assert cfg.places == PlacesSettings()
+    assert cfg.limits == Limits()
+
+
+def test_other_settings_are_read(tmp_path: Path) -> None:
+    text = TWO + (
+        "[places]\nprovider = Google-Legacy\nbase_url = http://127.0.0.1:8080/\npool_size = 7\n"
+        "[limits]\nmax_line_bytes = 64\nidle_timeout = 1.5\n"
+        "[peers]\nbackoff_initial = 0.5\nbackoff_max = 0.5\n"
+    )
+    cfg = config.load(write(tmp_path, text))
+    assert cfg.places.provider == "google-legacy"
+    assert cfg.places.base_url == "http://127.0.0.1:8080"
+    assert cfg.places.pool_size == 7
+    assert cfg.limits == Limits(max_line_bytes=64, idle_timeout=1.5)
+    assert (cfg.peers.backoff_initial, cfg.peers.backoff_max) == (0.5, 0.5)
+
+
+@pytest.mark.parametrize(
+    ("provider", "env_name", "environ", "expected"),
+    [
+        ("auto", "GOOGLE_PLACES_API_KEY", {"GOOGLE_PLACES_API_KEY": "k"}, "google"),
+        ("auto", "GOOGLE_PLACES_API_KEY", {}, "offline"),
+        ("auto", "GOOGLE_PLACES_API_KEY", {"GOOGLE_PLACES_API_KEY": ""}, "offline"),
+        ("auto", "GOOGLE_PLACES_API_KEY", {"OTHER_KEY": "k"}, "offline"),
+        ("auto", "MY_KEY", {"MY_KEY": "k"}, "google"),
+        ("auto", "MY_KEY", {"GOOGLE_PLACES_API_KEY": "k"}, "offline"),
+        ("offline", "GOOGLE_PLACES_API_KEY", {"GOOGLE_PLACES_API_KEY": "k"}, "offline"),
+        ("google", "GOOGLE_PLACES_API_KEY", {}, "google"),
+        ("google-legacy", "GOOGLE_PLACES_API_KEY", {}, "google-legacy"),
+    ],
+)
+def test_effective_provider(provider: str, env_name: str, environ: dict[str, str], expected: str) -> None:
+    settings = PlacesSettings(provider=provider, api_key_env=env_name)
+    assert effective_provider(settings, environ) == expected
+
+
+def test_config_error_text() -> None:
+    assert str(ConfigError("f.ini", "places", "timeout", "bad")) == "f.ini: [places] timeout: bad"
+    assert str(ConfigError("f.ini", "herds", None, "bad")) == "f.ini: [herds]: bad"
+    assert str(ConfigError("f.ini", None, None, "bad")) == "f.ini: bad"
