@@ -9,6 +9,7 @@ from __future__ import annotations
 import configparser
 import ipaddress
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TypeVar
@@ -125,23 +126,31 @@ class _Reader:
             raise self.error(section, key, f"{raw!r} is not {what}") from None
 
     def number(self, section: str, key: str, default: float, *, minimum: float = 0.0) -> float:
-        value = self.get(section, key, _finite_float, default, "a number")
+        value = self.get(section, key, _decimal_number, default, "a number")
         if value < minimum:
             raise self.error(section, key, f"must be at least {minimum:g}")
         return value
 
     def integer(self, section: str, key: str, default: int, lo: int, hi: int) -> int:
-        value = self.get(section, key, int, default, "an integer")
+        value = self.get(section, key, _ascii_int, default, "an integer")
         if not lo <= value <= hi:
             raise self.error(section, key, f"must be between {lo} and {hi}")
         return value
 
 
-def _finite_float(text: str) -> float:
-    value = float(text)
-    if value != value or value in (float("inf"), float("-inf")):
+def _ascii_int(text: str) -> int:
+    # int() would also take "1_000", "+5" and non-ASCII digits.
+    digits = text[1:] if text.startswith("-") else text
+    if not (digits.isascii() and digits.isdigit()):
         raise ValueError(text)
-    return value
+    return int(text)
+
+
+def _decimal_number(text: str) -> float:
+    # float() would also take "nan", "inf", "1e3" and "1_0".
+    if re.fullmatch(r"-?([0-9]+(\.[0-9]+)?|\.[0-9]+)", text) is None:
+        raise ValueError(text)
+    return float(text)
 
 
 def _check_host(reader: _Reader, section: str, key: str, host: str) -> str:

@@ -72,8 +72,8 @@ class EventLog:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         self.path = path
         self.server = escape(server)
-        self.level = logging.getLevelName(level) if isinstance(level, str) else level
-        self.stream: TextIO | None = open(path, "a", encoding="utf-8", errors="backslashreplace")  # noqa: SIM115
+        self.level: int = logging.getLevelNamesMapping()[level.upper()]
+        self.stream: TextIO | None = open(path, "a", encoding="utf-8", errors="backslashreplace")
         self.buffer: list[str] = []
         self.buffered = 0
         self.max_buffer = max_buffer

@@ -20,7 +20,7 @@ from urllib.parse import quote, quote_plus
 import requests
 from requests.adapters import HTTPAdapter
 
-from .config import PlacesSettings
+from .config import PlacesSettings, effective_provider
 from .protocol import cut_results, places_error
 
 GOOGLE_ORIGIN = "https://places.googleapis.com"
@@ -289,10 +289,7 @@ class GoogleLegacyProvider(_HttpProvider):
 
 def choose(settings: PlacesSettings, environ: Mapping[str, str] | None = None) -> str:
     """The provider ``auto`` stands for: google with a key in the environment, else offline."""
-    environ = os.environ if environ is None else environ
-    if settings.provider != "auto":
-        return settings.provider
-    return "google" if environ.get(settings.api_key_env) else "offline"
+    return effective_provider(settings, os.environ if environ is None else environ)
 
 
 def make_provider(settings: PlacesSettings, environ: Mapping[str, str] | None = None) -> Provider:

@@ -72,9 +72,8 @@ def test_run_herd_end_to_end(tmp_path: Path, fake_places) -> None:
             while not (table and table[-1].startswith("run_herd: 5 servers up")):
                 table.append(proc.stdout.readline())
         for name, line in zip(NAMES, table, strict=False):
-            assert re.match(
-                rf"{name}\s+127\.0\.0\.1:{ports[name]}\s+neighbors: .+places: google\s+log: .*herdlogs/{name}\.log", line
-            ), line
+            shape = rf"{name}\s+127\.0\.0\.1:{ports[name]}\s+neighbors: .+places: google\s+log: .*herdlogs/{name}\.log"
+            assert re.match(shape, line), line
         at = LineClient(("127.0.0.1", ports["Alford"])).ask(iamat(b"e2e"))
         assert at.startswith(b"AT Alford ")
         holiday = LineClient(("127.0.0.1", ports["Holiday"]))

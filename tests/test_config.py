@@ -313,3 +313,19 @@ def test_config_error_text() -> None:
     assert str(ConfigError("f.ini", "places", "timeout", "bad")) == "f.ini: [places] timeout: bad"
     assert str(ConfigError("f.ini", "herds", None, "bad")) == "f.ini: [herds]: bad"
     assert str(ConfigError("f.ini", None, None, "bad")) == "f.ini: bad"
+
+
+@pytest.mark.parametrize("value", ["12_000", "1e3", "+5", "\u0661\u0662", "nan", "0x10"])
+def test_numbers_are_plain_ascii_digits(tmp_path: Path, value: str) -> None:
+    path = tmp_path / "herd.ini"
+    path.write_text(f"[server:A]\nport = {value}\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"\[server:A\] port: .* is not an integer"):
+        config.load(path)
+
+
+@pytest.mark.parametrize("value", ["inf", "nan", "1e3", "1_0"])
+def test_seconds_are_plain_decimals(tmp_path: Path, value: str) -> None:
+    path = tmp_path / "herd.ini"
+    path.write_text(f"[places]\ntimeout = {value}\n[server:A]\nport = 1\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"\[places\] timeout: .* is not a number"):
+        config.load(path)
