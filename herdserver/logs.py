@@ -98,6 +98,16 @@ class EventLog:
         if self.buffered >= self.max_buffer or level >= logging.WARNING:
             self.flush()
 
+    def traffic(self, event: str, conn: int, key: str, data: bytes) -> None:
+        """``event=in|out conn=N line|data=...``: the per-line hot path, no kwargs dict."""
+        if self.level > logging.INFO:
+            return
+        line = f"{self._timestamp()} INFO {self.server} event={event} conn={conn} {key}={escape(data)}\n"
+        self.buffer.append(line)
+        self.buffered += len(line)
+        if self.buffered >= self.max_buffer:
+            self.flush()
+
     def debug(self, event: str, **values: Any) -> None:
         self._log(logging.DEBUG, "DEBUG", event, values)
 

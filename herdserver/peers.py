@@ -19,6 +19,7 @@ from gevent.event import Event
 
 from .config import PeerSettings, ServerConfig
 from .logs import EventLog
+from .sockets import write_all
 
 SYNC_CHUNK_LINES = 4096  # a full sync of a large table goes out in bounded writes
 
@@ -121,7 +122,7 @@ class Forwarder:
         if not lines:
             return
         with gevent.Timeout(self.settings.write_timeout, LinkDown("neighbor stopped reading")):
-            sock.sendall(b"\n".join(lines) + b"\n")
+            write_all(sock, b"\n".join(lines) + b"\n")
         self.lines_sent += len(lines)
 
     def _drain(self, sock: socket.socket) -> None:

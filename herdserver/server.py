@@ -25,9 +25,9 @@ from .config import HerdConfig
 from .peers import Forwarder
 from .places import Provider, make_provider
 from .protocol import At, IAmAt, Invalid, LineSplitter, Overlong, WhatsAt
+from .sockets import recv_chunk, write_all
 from .store import Store
 
-RECV_BYTES = 65536
 LOG_FLUSH_SECONDS = 0.2
 MAX_PIPELINED_WHATSAT = 20  # Places calls in flight for one connection at once
 # Errors that mean "the client went away": logged as a plain close, no traceback.
@@ -175,7 +175,7 @@ class HerdServer:
         splitter = LineSplitter(self.limits.max_line_bytes)
         idle = self.limits.idle_timeout or None
         while True:
-            data = _recv(sock, idle)
+            data = recv_chunk(sock, idle)
             if data is None:
                 self.log.info("idle_timeout", conn=conn.id)
                 return
@@ -184,7 +184,7 @@ class HerdServer:
                 conn.busy = True
                 out = self._answer(items, conn)
                 if out:
-                    sock.sendall(out)
+                    write_all(sock, out)
                 conn.busy = False
             if not data:
                 return  # EOF: everything owed has been written
@@ -212,7 +212,7 @@ class HerdServer:
         msg = protocol.parse(item)
         if msg is None:
             return None
-        self.log.info("in", conn=conn.id, line=item)
+        self.log.traffic("in", conn.id, "line", item)
         if isinstance(msg, IAmAt):
             return self._reply(conn, self._iamat(msg))
         if isinstance(msg, At):
@@ -229,7 +229,7 @@ class HerdServer:
         return self._reply(conn, protocol.format_invalid(msg.line))
 
     def _reply(self, conn: Connection, data: bytes) -> bytes:
-        self.log.info("out", conn=conn.id, data=data)
+        self.log.traffic("out", conn.id, "data", data)
         return data
 
     # -- the three commands ------------------------------------------------------------
@@ -281,18 +281,6 @@ class HerdServer:
             ms="%.1f" % ((time.perf_counter() - started) * 1000),
         )
         return payload
-
-
-def _recv(sock: socket.socket, idle: float | None) -> bytes | None:
-    """Next chunk, ``b""`` at EOF, ``None`` when the idle timeout passed.
-
-    ``gevent.Timeout`` rather than ``settimeout``: the socket stays blocking-mode.
-    """
-    if idle is None:
-        return sock.recv(RECV_BYTES)
-    with gevent.Timeout(idle, False):
-        return sock.recv(RECV_BYTES)
-    return None
 
 
 def _format_address(address: Any) -> str:
