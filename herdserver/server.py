@@ -30,6 +30,7 @@ from .store import Store
 
 LOG_FLUSH_SECONDS = 0.2
 MAX_PIPELINED_WHATSAT = 20  # Places calls in flight for one connection at once
+REPLY_BUFFER_BYTES = 65536  # replies held for one connection before writing
 # Errors that mean "the client went away": logged as a plain close, no traceback.
 QUIET_ERRNOS = {errno.EPIPE, errno.ECONNRESET, errno.ECONNABORTED, errno.ETIMEDOUT, errno.ENOTCONN}
 
@@ -82,6 +83,7 @@ class HerdServer:
         self.connections: dict[Greenlet, Connection] = {}
         self._conn_ids = itertools.count(1)
         self._workers = Group()  # forwarders and the log flusher
+        self._calls = Group()  # WHATSATs waiting on Places
         self._pool = Pool(self.limits.max_connections)
         self._stopped = Event()
         self._server = StreamServer(
@@ -133,6 +135,7 @@ class HerdServer:
                 greenlet.kill(block=False)
         self._pool.join(timeout=grace)
         self._pool.kill(timeout=1)
+        self._calls.kill(timeout=1)
         self._workers.kill(timeout=1)
         self.provider.close()
         self.log.info("stop", clients_left=len(self.connections), records=len(self.store))
@@ -182,29 +185,37 @@ class HerdServer:
             items = splitter.feed(data) if data else splitter.finish()
             if items:
                 conn.busy = True
-                out = self._answer(items, conn)
-                if out:
-                    write_all(sock, out)
+                self._answer(sock, items, conn)
                 conn.busy = False
             if not data:
                 return  # EOF: everything owed has been written
 
-    def _answer(self, items: list[bytes | Overlong], conn: Connection) -> bytes:
-        """Replies to a batch of lines, in order; Places calls of the batch overlap."""
-        replies: list[bytes | gevent.Greenlet] = []
-        in_flight = 0
-        for item in items:
-            if in_flight >= MAX_PIPELINED_WHATSAT:
-                replies = [r if isinstance(r, bytes) else r.get() for r in replies]
-                in_flight = 0
-            reply = self._dispatch(item, conn)
-            if isinstance(reply, gevent.Greenlet):
-                in_flight += 1
-            if reply:
-                replies.append(reply)
-        return b"".join(r if isinstance(r, bytes) else r.get() for r in replies)
+    def _answer(self, sock: socket.socket, items: list[bytes | Overlong], conn: Connection) -> None:
+        """Reply to a batch of lines in order; the batch's Places calls overlap.
 
-    def _dispatch(self, item: bytes | Overlong, conn: Connection) -> bytes | gevent.Greenlet | None:
+        Replies are written as soon as those before them are ready, and no more
+        than MAX_PIPELINED_WHATSAT calls or REPLY_BUFFER_BYTES wait at once: a
+        client pipelining thousands of WHATSATs and reading nothing is held back
+        by its own TCP window, not by the server's memory.
+        """
+        pending: list[bytes | Greenlet] = []
+        in_flight = buffered = 0
+        for item in items:
+            reply = self._dispatch(item, conn)
+            if reply is None:
+                continue
+            pending.append(reply)
+            if isinstance(reply, bytes):
+                buffered += len(reply)
+            else:
+                in_flight += 1
+            if in_flight >= MAX_PIPELINED_WHATSAT or buffered >= REPLY_BUFFER_BYTES:
+                _write_replies(sock, pending)
+                pending, in_flight, buffered = [], 0, 0
+        if pending:
+            _write_replies(sock, pending)
+
+    def _dispatch(self, item: bytes | Overlong, conn: Connection) -> bytes | Greenlet | None:
         if isinstance(item, Overlong):
             self.stats.invalid += 1
             self.log.info("in", conn=conn.id, overlong=item.prefix)
@@ -222,7 +233,7 @@ class HerdServer:
             record = self.store.get(msg.client)
             if record is not None:
                 self.stats.whatsat += 1
-                return gevent.spawn(self._whatsat, msg, record, conn)
+                return self._calls.spawn(self._whatsat, msg, record, conn)
             msg = Invalid(item.strip(), "unknown client")
         self.stats.invalid += 1
         self.log.info("invalid", conn=conn.id, reason=msg.reason)
@@ -281,6 +292,14 @@ class HerdServer:
             ms="%.1f" % ((time.perf_counter() - started) * 1000),
         )
         return payload
+
+
+def _write_replies(sock: socket.socket, pending: list[bytes | Greenlet]) -> None:
+    """Write replies in command order, waiting for Places calls as they come."""
+    out = []
+    for reply in pending:
+        out.append(reply if isinstance(reply, bytes) else reply.get())
+    write_all(sock, b"".join(out))
 
 
 def _format_address(address: Any) -> str:

@@ -329,3 +329,19 @@ def test_many_clients_at_once(make_herd: Callable[..., Herd]) -> None:
     gevent.joinall(jobs, timeout=10, raise_error=True)
     assert [AT_LINE.fullmatch(job.value).group(3) for job in jobs] == [b"c%d" % i for i in range(200)]
     assert len(herd.servers["Alford"].store) == 200
+
+
+def test_more_pipelined_whatsats_than_run_at_once_all_come_back_in_order(
+    make_herd: Callable[..., Herd], fake_places
+) -> None:
+    herd = make_herd({"Alford": []})
+    nearby = len(fake_places.within(34.06893, -118.445127, 10_000))
+    client = herd.client("Alford")
+    for name in (b"a", b"b", b"c"):
+        client.ask(iamat(name))
+    names = [b"abc"[i % 3 : i % 3 + 1] for i in range(70)]  # 70 > MAX_PIPELINED_WHATSAT
+    client.send(b"".join(b"WHATSAT %s 10 %d\n" % (name, 1 + i % 20) for i, name in enumerate(names)))
+    for i, name in enumerate(names):
+        at_line, payload = whatsat_parts(client.read_whatsat())
+        assert at_line.split(b" ")[3] == name
+        assert len(payload["results"]) == min(1 + i % 20, nearby)
