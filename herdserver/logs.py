@@ -8,7 +8,7 @@ Every value that is not a plain word is double-quoted with ``\\``, ``"`` and
 every control character escaped, so a client can never start a log line of its
 own (``grep 'event=in'`` finds only what the server wrote).
 
-The file handler buffers in memory and is flushed by its owner (the server runs
+The log buffers in memory and is flushed by its owner (the server runs
 a flusher greenlet), so logging never waits on the disk in a client's path.
 Warnings and errors are flushed at once.
 """
@@ -144,7 +144,6 @@ class EventLog:
             self.stream = None
 
 
-def setup(server: str, path: str, level: str = "INFO") -> tuple[EventLog, EventLog]:
-    """The log of one server (several may share a process) and what flushes it."""
-    log = EventLog(server, path, level)
-    return log, log
+def setup(server: str, path: str, level: str = "INFO") -> EventLog:
+    """The log of one server (several may share a process); its owner flushes it."""
+    return EventLog(server, path, level)

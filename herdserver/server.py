@@ -74,7 +74,7 @@ class HerdServer:
         self.limits = config.limits
         self.store = Store()
         self.stats = Stats()
-        self.log, self._log_handler = logs.setup(name, config.log_path(name), config.log_level)
+        self.log = logs.setup(name, config.log_path(name), config.log_level)
         self.provider = provider if provider is not None else make_provider(config.places)
         self.forwarders = {
             neighbor: Forwarder(config.servers[neighbor], config.peers, self.store.lines, self.log)
@@ -139,13 +139,13 @@ class HerdServer:
         self._workers.kill(timeout=1)
         self.provider.close()
         self.log.info("stop", clients_left=len(self.connections), records=len(self.store))
-        self._log_handler.close()
+        self.log.close()
         self._stopped.set()
 
     def _flush_logs(self) -> None:
         while True:
             gevent.sleep(LOG_FLUSH_SECONDS)
-            self._log_handler.flush()
+            self.log.flush()
 
     # -- one client connection -----------------------------------------------------------
 

@@ -84,7 +84,7 @@ def read_lines(path: Path) -> list[str]:
 
 def test_setup_writes_logfmt_after_flush(tmp_path: Path) -> None:
     path = tmp_path / "logs" / "Alford.log"  # the directory is created
-    log, handler = logs.setup("Alford", str(path))
+    log = handler = logs.setup("Alford", str(path))
     try:
         log.info("in", conn=3, peer="127.0.0.1:40512", line=b"IAMAT kiwi +34-118 1")
         log.info("open")
@@ -106,7 +106,7 @@ def test_setup_writes_logfmt_after_flush(tmp_path: Path) -> None:
 
 def test_debug_level(tmp_path: Path) -> None:
     path = tmp_path / "Ball.log"
-    log, handler = logs.setup("Ball", str(path), "DEBUG")
+    log = handler = logs.setup("Ball", str(path), "DEBUG")
     log.debug("at_dropped", client=b"kiwi")
     handler.close()  # close flushes
     [line] = read_lines(path)
@@ -115,7 +115,7 @@ def test_debug_level(tmp_path: Path) -> None:
 
 def test_forged_client_id_in_the_file(tmp_path: Path) -> None:
     path = tmp_path / "Alford.log"
-    log, handler = logs.setup("Alford", str(path))
+    log = handler = logs.setup("Alford", str(path))
     log.info("in", conn=1, line=b"IAMAT " + FORGED + b" +0+0 1")
     log.info("in", conn=1, line=b"bad \xff\xfe bytes \x1b[2J\xe2\x80\xa8")
     handler.close()
@@ -129,7 +129,7 @@ def test_forged_client_id_in_the_file(tmp_path: Path) -> None:
 
 def test_traceback_folded_into_one_line(tmp_path: Path) -> None:
     path = tmp_path / "Alford.log"
-    log, handler = logs.setup("Alford", str(path))
+    log = handler = logs.setup("Alford", str(path))
     try:
         raise ValueError("boom\nsecond line")
     except ValueError:
@@ -144,8 +144,8 @@ def test_traceback_folded_into_one_line(tmp_path: Path) -> None:
 
 
 def test_instances_do_not_share_handlers(tmp_path: Path) -> None:
-    a_log, a_handler = logs.setup("Same", str(tmp_path / "a.log"))
-    b_log, b_handler = logs.setup("Same", str(tmp_path / "b.log"))
+    a_log = a_handler = logs.setup("Same", str(tmp_path / "a.log"))
+    b_log = b_handler = logs.setup("Same", str(tmp_path / "b.log"))
     a_log.info("only_a")
     b_log.info("only_b")
     a_handler.close()

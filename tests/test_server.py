@@ -286,7 +286,7 @@ def test_log_file_records_lines_connections_links_and_places(herd: Herd) -> None
     wait_until(lambda: not alford.connections or len(alford.connections) <= 2, what="close")
     herd.stop("Hamilton")
     wait_until(lambda: not alford.forwarders["Hamilton"].up.is_set(), what="link down")
-    alford._log_handler.flush()
+    alford.log.flush()
     text = open(herd.config.log_path("Alford"), encoding="utf-8").read()
     for pattern in [
         r"event=start address=127\.0\.0\.1:\d+ neighbors=Hamilton,Welsh provider=google",

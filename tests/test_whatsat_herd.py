@@ -88,8 +88,9 @@ def test_offline_provider_answers_with_real_places_and_attribution(make_herd: Ca
     client = herd.client("Alford")
     client.ask(iamat())
     client.send(b"WHATSAT kiwi.cs.ucla.edu 10 5\n")
-    at_line, _, body = client.read_whatsat().partition(b"\n")
+    at, _, body = client.read_whatsat().partition(b"\n")
     payload = json.loads(body)
+    assert at.startswith(b"AT Alford ") and at.endswith(b" kiwi.cs.ucla.edu +34.068930-118.445127 " + at.split()[-1])
     assert payload["status"] == "OK" and len(payload["results"]) == 5
     assert "GeoNames" in payload["html_attributions"][0]
     distances = [r["distance_m"] for r in payload["results"]]
