@@ -149,17 +149,25 @@ def parse_bound(token: bytes) -> int | None:
     return value if 1 <= value <= MAX_BOUND else None
 
 
-def _parse_iamat(fields: list[bytes], line: bytes) -> Message:
-    if len(fields) != 4:
-        return Invalid(line.strip(), "IAMAT needs 4 fields")
-    _, client, loc_tok, time_tok = fields
+def _place_and_time(loc_tok: bytes, time_tok: bytes, line: bytes) -> tuple[Location, int] | Invalid:
+    """The two fields IAMAT and AT share, validated the same way."""
     location = parse_location(loc_tok)
     if location is None:
         return Invalid(line.strip(), "bad location")
     time_ns = parse_time(time_tok)
     if time_ns is None:
         return Invalid(line.strip(), "bad time")
-    return IAmAt(client, location, time_tok, time_ns)
+    return location, time_ns
+
+
+def _parse_iamat(fields: list[bytes], line: bytes) -> Message:
+    if len(fields) != 4:
+        return Invalid(line.strip(), "IAMAT needs 4 fields")
+    _, client, loc_tok, time_tok = fields
+    checked = _place_and_time(loc_tok, time_tok, line)
+    if isinstance(checked, Invalid):
+        return checked
+    return IAmAt(client, checked[0], time_tok, checked[1])
 
 
 def _parse_whatsat(fields: list[bytes], line: bytes) -> Message:
@@ -181,13 +189,10 @@ def _parse_at(fields: list[bytes], line: bytes) -> Message:
     _, server, delta, client, loc_tok, time_tok = fields
     if _DELTA.fullmatch(delta) is None:
         return Invalid(line.strip(), "bad time difference")
-    location = parse_location(loc_tok)
-    if location is None:
-        return Invalid(line.strip(), "bad location")
-    time_ns = parse_time(time_tok)
-    if time_ns is None:
-        return Invalid(line.strip(), "bad time")
-    return At(server, delta, client, location, time_tok, time_ns, b" ".join(fields))
+    checked = _place_and_time(loc_tok, time_tok, line)
+    if isinstance(checked, Invalid):
+        return checked
+    return At(server, delta, client, checked[0], time_tok, checked[1], b" ".join(fields))
 
 
 _PARSERS = {b"IAMAT": _parse_iamat, b"WHATSAT": _parse_whatsat, b"AT": _parse_at}
