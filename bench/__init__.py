@@ -1,0 +1,1 @@
+"""The benchmark suite of herdserver: see bench/README.md."""

@@ -1,0 +1,358 @@
+"""Processes, ports, herd files and /proc readings for the benchmark suite.
+
+No gevent here: the runner only starts processes, polls ports with deadlines,
+talks to load workers over pipes and reads /proc. Every child is registered in
+``PROCESSES`` and stopped by PID (SIGTERM, then SIGKILL after a deadline) when
+its lab closes, when the runner exits, and on Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import atexit
+import ctypes
+import json
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+ROOT = Path(__file__).resolve().parent.parent
+HOST = "127.0.0.1"
+KEY_ENV = "HERD_BENCH_PLACES_KEY"
+KEY = "bench-places-key-0123456789"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+START_TIMEOUT = 30.0
+STOP_TIMEOUT = 5.0
+POLL = 0.02  # seconds between polls of a port or /proc while waiting on a deadline
+
+FIVE_LINKS: dict[str, list[str]] = {
+    "Alford": ["Hamilton", "Welsh"],
+    "Ball": ["Holiday", "Welsh"],
+    "Hamilton": ["Holiday"],
+    "Holiday": [],
+    "Welsh": [],
+}
+FIVE = ("Alford", "Ball", "Hamilton", "Holiday", "Welsh")
+
+
+class BenchError(Exception):
+    """A measurement could not be made (a child died, a deadline passed, a job failed)."""
+
+
+# -- ports and /proc -------------------------------------------------------------------------
+
+
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct free loopback ports (all bound at once, then released)."""
+    socks = []
+    try:
+        for _ in range(count):
+            sock = socket.socket()
+            sock.bind((HOST, 0))
+            socks.append(sock)
+        return [sock.getsockname()[1] for sock in socks]
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+def port_open(port: int) -> bool:
+    try:
+        with socket.create_connection((HOST, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def rss_kb(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise BenchError(f"no VmRSS for pid {pid}")
+
+
+def cpu_seconds(pids: Iterable[int]) -> float:
+    """utime + stime of the processes, summed, in seconds."""
+    ticks = 0
+    for pid in pids:
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+        ticks += int(fields[11]) + int(fields[12])  # fields 14 and 15 of proc(5)
+    return ticks / CLK_TCK
+
+
+def settled(read: Callable[[], float], quiet: float, deadline_s: float, tolerance: float = 0.0) -> float:
+    """Poll ``read()`` until two readings ``quiet`` seconds apart differ by at most
+    ``tolerance``; the last reading (or the last one at the deadline)."""
+    deadline = time.monotonic() + deadline_s
+    last = read()
+    while True:
+        time.sleep(quiet)  # polling /proc against a deadline: there is no event to wait on
+        now = read()
+        if abs(now - last) <= tolerance or time.monotonic() > deadline:
+            return float(now)
+        last = now
+
+
+def quiet_cpu(pids: list[int]) -> float:
+    """CPU seconds once the processes have stopped working (floods finished)."""
+    return settled(lambda: cpu_seconds(pids), quiet=0.1, deadline_s=10.0)
+
+
+def stable_rss_kb(pid: int) -> int:
+    return int(settled(lambda: rss_kb(pid), quiet=0.2, deadline_s=5.0, tolerance=64))
+
+
+def tcp_queues(remote_port: int) -> list[tuple[int, int]]:
+    """(tx_queue, rx_queue) bytes of every loopback IPv4 socket connected to ``remote_port``."""
+    queues = []
+    with open("/proc/net/tcp") as table:
+        next(table)
+        for line in table:
+            fields = line.split()
+            if int(fields[2].split(":")[1], 16) == remote_port:
+                tx, rx = fields[4].split(":")
+                queues.append((int(tx, 16), int(rx, 16)))
+    return queues
+
+
+# -- processes -------------------------------------------------------------------------------
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: get SIGTERM if the runner dies (even by SIGKILL)."""
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
+@dataclass
+class Child:
+    name: str
+    process: subprocess.Popen[bytes]
+    log_path: Path
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def log_tail(self, limit: int = 1500) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-limit:]
+        except OSError:
+            return ""
+
+
+class ProcessSet:
+    """Every child the suite started; stopped by PID, never by name."""
+
+    def __init__(self) -> None:
+        self.children: list[Child] = []
+
+    def spawn(self, name: str, argv: list[str], log_path: Path, *, pipes: bool = False) -> Child:
+        with open(log_path, "ab") as log:  # the child keeps its own copy of the descriptor
+            process = subprocess.Popen(
+                argv,
+                cwd=ROOT,
+                stdin=subprocess.PIPE if pipes else subprocess.DEVNULL,
+                stdout=subprocess.PIPE if pipes else log,
+                stderr=log,
+                env={**os.environ, KEY_ENV: KEY, "PYTHONPATH": str(ROOT)},
+                start_new_session=True,  # Ctrl-C reaches the runner only; it stops the children
+                preexec_fn=_die_with_parent,
+            )
+        child = Child(name, process, log_path)
+        self.children.append(child)
+        return child
+
+    def stop(self, children: list[Child], timeout: float = STOP_TIMEOUT) -> None:
+        for child in children:
+            if child.alive():
+                child.process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for child in children:
+            try:
+                child.process.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                child.process.kill()
+                child.process.wait()
+            for pipe in (child.process.stdin, child.process.stdout):
+                if pipe is not None:
+                    pipe.close()
+            if child in self.children:
+                self.children.remove(child)
+
+    def stop_all(self) -> None:
+        self.stop(list(self.children))
+
+
+PROCESSES = ProcessSet()
+atexit.register(PROCESSES.stop_all)
+
+
+def wait_for_port(child: Child, port: int, timeout: float = START_TIMEOUT) -> None:
+    deadline = time.monotonic() + timeout
+    while not port_open(port):
+        if not child.alive():
+            raise BenchError(f"{child.name} exited ({child.process.returncode}) before listening: {child.log_tail()}")
+        if time.monotonic() > deadline:
+            raise BenchError(f"{child.name} not listening on {port} after {timeout:g}s")
+        time.sleep(POLL)  # polling a port for readiness against a deadline
+
+
+def read_line(child: Child, buffer: bytearray, timeout: float) -> bytes:
+    """One line from the child's stdout pipe, or BenchError at the deadline or EOF."""
+    assert child.process.stdout is not None
+    fd = child.process.stdout.fileno()
+    deadline = time.monotonic() + timeout
+    while b"\n" not in buffer:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise BenchError(f"{child.name}: no answer within {timeout:g}s")
+        ready, _, _ = select.select([fd], [], [], remaining)
+        if ready:
+            data = os.read(fd, 1 << 20)
+            if not data:
+                raise BenchError(f"{child.name} exited: {child.log_tail()}")
+            buffer += data
+    line, _, rest = bytes(buffer).partition(b"\n")
+    buffer[:] = rest
+    return line
+
+
+class LoadWorker:
+    """A ``bench/load.py`` process: one JSON job per line in, one JSON result per line out."""
+
+    def __init__(self, child: Child):
+        self.child = child
+        self._buffer = bytearray()
+
+    def submit(self, job: str, **args: Any) -> None:
+        stdin: IO[bytes] | None = self.child.process.stdin
+        assert stdin is not None
+        stdin.write(json.dumps({"job": job, "args": args}).encode() + b"\n")
+        stdin.flush()
+
+    def result(self, timeout: float) -> dict[str, Any]:
+        reply = json.loads(read_line(self.child, self._buffer, timeout))
+        if not reply["ok"]:
+            raise BenchError(f"{self.child.name}: {reply['error']}")
+        result: dict[str, Any] = reply["result"]
+        return result
+
+    def call(self, job: str, timeout: float, **args: Any) -> dict[str, Any]:
+        self.submit(job, **args)
+        return self.result(timeout)
+
+
+# -- herd files ------------------------------------------------------------------------------
+
+
+@dataclass
+class Herd:
+    """A herd.ini in the lab directory; ``servers`` run as herdserver processes, the
+    other names in it (observers, sinks) are listeners owned by a load worker."""
+
+    name: str
+    path: Path
+    ports: dict[str, int]
+    log_dir: Path
+    children: dict[str, Child] = field(default_factory=dict)
+
+    def pid(self, name: str) -> int:
+        return self.children[name].pid
+
+    def pids(self) -> list[int]:
+        return [child.pid for child in self.children.values()]
+
+    def log_path(self, name: str) -> Path:
+        return self.log_dir / f"{name}.log"
+
+
+def herd_ini(links: Mapping[str, list[str]], ports: Mapping[str, int], log_dir: Path, places_url: str) -> str:
+    lines = [
+        "[herd]", f"host = {HOST}", f"log_dir = {log_dir}", "",
+        "[places]", "provider = google", f"api_key_env = {KEY_ENV}", f"base_url = {places_url}", "timeout = 5", "",
+    ]
+    for name, neighbors in links.items():
+        lines += [f"[server:{name}]", f"port = {ports[name]}"]
+        if neighbors:
+            lines.append(f"neighbors = {', '.join(neighbors)}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+# -- a lab: one scenario's directory and children ----------------------------------------------
+
+
+class Lab:
+    """Owns a temp directory and every process a scenario starts; ``close()`` stops them."""
+
+    def __init__(self, parent: Path, name: str, places_url: str):
+        self.dir = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=parent))
+        self.places_url = places_url
+        self.children: list[Child] = []
+
+    def spawn(self, name: str, argv: list[str], *, pipes: bool = False) -> Child:
+        child = PROCESSES.spawn(name, argv, self.dir / f"{name}.out", pipes=pipes)
+        self.children.append(child)
+        return child
+
+    def herd(self, name: str, links: Mapping[str, list[str]], listeners: Iterable[str] = ()) -> Herd:
+        """Write ``name``.ini for ``links`` (name -> neighbors) plus bench-owned ``listeners``."""
+        everyone = {**links, **{listener: [] for listener in listeners if listener not in links}}
+        ports = dict(zip(everyone, free_ports(len(everyone)), strict=True))
+        log_dir = self.dir / f"{name}-logs"
+        log_dir.mkdir()
+        path = self.dir / f"{name}.ini"
+        path.write_text(herd_ini(everyone, ports, log_dir, self.places_url))
+        return Herd(name, path, ports, log_dir)
+
+    def start_servers(self, herd: Herd, servers: Iterable[str]) -> None:
+        for server in servers:
+            argv = [sys.executable, "-m", "herdserver", server, "--config", str(herd.path)]
+            herd.children[server] = self.spawn(f"{herd.name}-{server}", argv)
+        for server, child in herd.children.items():
+            wait_for_port(child, herd.ports[server])
+
+    def stop_servers(self, herd: Herd) -> None:
+        """Graceful stop (SIGTERM) so every log is flushed before it is read."""
+        PROCESSES.stop(list(herd.children.values()))
+
+    def echo(self) -> tuple[Child, int]:
+        [port] = free_ports(1)
+        child = self.spawn("echo", [sys.executable, "-m", "bench.echo_server", str(port)])
+        wait_for_port(child, port)
+        return child, port
+
+    def worker(self, name: str) -> LoadWorker:
+        worker = LoadWorker(self.spawn(name, [sys.executable, "-m", "bench.load"], pipes=True))
+        worker.call("hello", timeout=START_TIMEOUT)
+        return worker
+
+    def close(self) -> None:
+        PROCESSES.stop(self.children)
+        self.children.clear()
+
+
+def start_places(parent: Path, latency: float) -> tuple[Child, str]:
+    """The fake Google Places server (tests/fake_places.py) in its own process; its URL."""
+    child = PROCESSES.spawn(
+        "places", [sys.executable, "-m", "bench.places_server", "--latency", str(latency)],
+        parent / "places.out", pipes=True,
+    )
+    url = read_line(child, bytearray(), START_TIMEOUT).decode().strip()
+    if not url.startswith("http://"):
+        raise BenchError(f"fake Places said {url!r}")
+    return child, url

@@ -1,0 +1,17 @@
+"""The scenarios of the suite, in the order they run: name -> run(Context) -> Section."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from bench.report import Section
+from bench.scenarios import connections, iamat, propagation, slow_neighbor, whatsat
+from bench.scenarios.common import Context
+
+SCENARIOS: dict[str, Callable[[Context], Section]] = {
+    "iamat": iamat.run,
+    "propagation": propagation.run,
+    "connections": connections.run,
+    "whatsat": whatsat.run,
+    "slow-neighbor": slow_neighbor.run,
+}

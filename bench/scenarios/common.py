@@ -1,0 +1,86 @@
+"""Settings and helpers shared by the scenarios."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bench.harness import HOST, LoadWorker, quiet_cpu
+from bench.report import median
+
+JOB_SLACK = 30.0  # seconds a job may take beyond its own bound before the runner gives up
+
+
+@dataclass(frozen=True)
+class Settings:
+    runs: int = 3
+    duration: float = 2.0  # seconds per closed-loop measurement (or max_requests, whichever first)
+    max_requests: int = 30_000
+    persistent_clients: tuple[int, ...] = (1, 50, 200)
+    per_request_clients: tuple[int, ...] = (1, 50)
+    per_request_max: int = 4_000  # bounds TIME_WAIT sockets on loopback
+    probes: int = 200
+    probe_seconds: float = 4.0
+    storm_updates: int = 10_000
+    storm_clients: int = 1_000
+    storm_connections: int = 100
+    storm_seconds: float = 40.0
+    idle_connections: int = 10_000
+    idle_batch: int = 500
+    whatsat_clients: int = 100
+    slow_updates: int = 60_000  # ~40,000 AT lines fit in loopback buffers before a forwarder blocks
+    slow_clients: int = 1_000
+    offline_queries: int | None = None  # None: bench_offline's own defaults
+    offline_linear_queries: int | None = None
+
+
+FULL = Settings()
+QUICK = Settings(
+    runs=1, duration=0.5, per_request_max=1_000, probes=50, probe_seconds=1.0, storm_updates=2_000,
+    storm_clients=200, storm_seconds=15.0, idle_connections=2_000, slow_updates=50_000,
+    offline_queries=200, offline_linear_queries=5,
+)
+
+
+@dataclass
+class Context:
+    """What every scenario gets: settings, where to put its lab, the fake Places server."""
+
+    settings: Settings
+    work_dir: Path
+    places_url: str
+    places_latency: float
+    places_pid: int
+
+
+def target(port: int) -> list[Any]:
+    return [HOST, port]
+
+
+def closed_loop(worker: LoadWorker, ports: list[int], clients: int, duration: float, max_requests: int,
+                prefix: str, **options: Any) -> dict[str, Any]:
+    return worker.call(
+        "closed_loop", timeout=duration + JOB_SLACK, targets=[target(p) for p in ports], clients=clients,
+        duration=duration, max_requests=max_requests, prefix=prefix, **options,
+    )
+
+
+def with_cpu(pids: list[int], measure: Any) -> dict[str, Any]:
+    """Run ``measure()``; add the CPU seconds the processes spent, floods included."""
+    before = quiet_cpu(pids)
+    result: dict[str, Any] = measure()
+    result["cpu_s"] = quiet_cpu(pids) - before
+    result["cpu_us_per_req"] = result["cpu_s"] / result["count"] * 1e6 if result["count"] else 0.0
+    return result
+
+
+def med(samples: list[dict[str, Any]], key: str) -> float:
+    return median([float(s[key]) for s in samples])
+
+
+def check_errors(samples: list[dict[str, Any]], what: str, notes: list[str]) -> None:
+    errors = sum(s.get("errors", 0) for s in samples)
+    if errors:
+        first = next(s["first_error"] for s in samples if s.get("errors"))
+        notes.append(f"{what}: {errors} client errors (first: {first})")

@@ -1,0 +1,116 @@
+"""Concurrent WHATSATs against a slow Places server; the offline provider's query cost."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import traceback
+from typing import Any
+
+from bench.harness import Lab, LoadWorker, quiet_cpu
+from bench.report import Row, Section, Target, median
+from bench.scenarios.common import JOB_SLACK, Context, med, target
+
+RADIUS_KM = "10"
+BOUND = 5
+TARGET_RATIO = 1.5
+
+
+def burst(worker: LoadWorker, port: int, server_pid: int, ctx: Context, prefix: str) -> dict[str, Any]:
+    """One burst, with the CPU the server and the fake Places server spent on it."""
+    pids = {"server": server_pid, "places": ctx.places_pid}
+    before = {name: quiet_cpu([pid]) for name, pid in pids.items()}
+    result = worker.call("whatsat_burst", timeout=JOB_SLACK * 2, target=target(port),
+                         clients=ctx.settings.whatsat_clients, radius=RADIUS_KM, bound=BOUND, prefix=prefix)
+    for name, pid in pids.items():
+        result[f"{name}_cpu_ms"] = (quiet_cpu([pid]) - before[name]) * 1000
+    return result
+
+
+def burst_rows(runs: list[dict[str, Any]], ctx: Context) -> list[Row]:
+    ideal = ctx.places_latency * 1000
+    clients = ctx.settings.whatsat_clients
+    total = median([run["total_s"] * 1000 for run in runs])
+    return [
+        Row(f"{clients} concurrent WHATSAT: all answered", total, "ms", ideal, "Places latency",
+            Target(f"<= {TARGET_RATIO:g}x", total <= TARGET_RATIO * ideal, "brief")),
+        Row(f"{clients} concurrent WHATSAT: p50 answer", med(runs, "p50_ms"), "ms", ideal, "Places latency"),
+        Row(f"{clients} concurrent WHATSAT: p99 answer", med(runs, "p99_ms"), "ms", ideal, "Places latency"),
+        Row("first run (cold Places connection pool)", runs[0]["total_s"] * 1000, "ms", ideal, "Places latency"),
+        Row(f"server CPU for the {clients} WHATSATs (+ IAMATs)", med(runs, "server_cpu_ms"), "ms", total,
+            "wall time, all answered"),
+        Row(f"fake Places CPU for its {clients} answers", med(runs, "places_cpu_ms"), "ms", total,
+            "wall time, all answered"),
+    ]
+
+
+def bursts(ctx: Context, section: Section) -> None:
+    lab = Lab(ctx.work_dir, "whatsat", ctx.places_url)
+    try:
+        herd = lab.herd("solo", {"Alford": []})
+        lab.start_servers(herd, ["Alford"])
+        worker = lab.worker("load")
+        runs = [burst(worker, herd.ports["Alford"], herd.pid("Alford"), ctx, f"w{r}") for r in range(ctx.settings.runs)]
+    finally:
+        lab.close()
+    section.add(*burst_rows(runs, ctx))
+    statuses: dict[str, int] = {}
+    for run in runs:
+        for status, n in run["statuses"].items():
+            statuses[status] = statuses.get(status, 0) + n
+    section.notes.append(
+        f"each of {ctx.settings.whatsat_clients} connections IAMATs its own client, then all send "
+        f"'WHATSAT <id> {RADIUS_KM} {BOUND}' at one moment; fake Places (tests/fake_places.py, own process) "
+        f"answers after {ctx.places_latency * 1000:.0f} ms; statuses seen: {statuses}"
+    )
+    section.raw["bursts"] = runs
+
+
+def offline_rows(result: dict[str, Any]) -> list[Row]:
+    memory = result["memory"]
+    rows = [
+        Row("offline: RSS added by loading the data", memory["peak_delta_mb"], "MB peak", memory["budget_mb"],
+            "budget", Target(f"<= {memory['budget_mb']:g} MB", bool(memory["within_budget"]), "bench_offline")),
+        Row("offline: load time (fresh process)", memory["load_s"], "s"),
+    ]
+    for q in result["queries"]:
+        label = f"offline query {q['mix']} r={q['radius_km']}km"
+        rows += [
+            Row(f"{label} avg", q["index"]["avg_us"], "us", q["linear"]["avg_us"], "linear scan"),
+            Row(f"{label} p99", q["index"]["p99_us"], "us", q["lat_band"]["p99_us"], "lat-band p99"),
+        ]
+    return rows
+
+
+def offline(ctx: Context, section: Section) -> None:
+    """bench_offline.run(), owned by another engineer: its failure is reported, not fatal."""
+    s = ctx.settings
+    try:
+        from bench import bench_offline
+
+        options: dict[str, int] = {}
+        if s.offline_queries is not None and s.offline_linear_queries is not None:
+            options = {"queries": s.offline_queries, "linear_queries": s.offline_linear_queries}
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):
+            try:
+                result = bench_offline.run(None, **options)
+            except TypeError:  # an older/newer signature: fall back to the documented one
+                result = bench_offline.run(None)
+        section.add(*offline_rows(result))
+        section.raw["offline"] = result
+        section.notes.append("offline: bench/bench_offline.py run() (its own table follows)")
+        section.notes += ["  " + line for line in printed.getvalue().splitlines()]
+    except Exception as exc:
+        section.notes.append(f"offline benchmark failed: {type(exc).__name__}: {exc}")
+        section.raw["offline_error"] = traceback.format_exc()
+
+
+def run(ctx: Context) -> Section:
+    section = Section("whatsat")
+    try:
+        bursts(ctx, section)
+    except Exception as exc:  # the offline part is independent: still run it
+        section.error = f"WHATSAT bursts: {type(exc).__name__}: {exc}"
+    offline(ctx, section)
+    return section
