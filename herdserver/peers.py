@@ -40,6 +40,7 @@ class Forwarder:
         rand: Callable[[], float] = random.random,
     ):
         self.neighbor = neighbor
+        self.name_bytes = neighbor.name.encode("utf-8")
         self.settings = settings
         self.snapshot = snapshot  # every line the server holds, for the full sync
         self.log = log

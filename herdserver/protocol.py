@@ -198,6 +198,17 @@ def _parse_at(fields: list[bytes], line: bytes) -> Message:
 _PARSERS = {b"IAMAT": _parse_iamat, b"WHATSAT": _parse_whatsat, b"AT": _parse_at}
 
 
+def at_identity(fields: list[bytes]) -> tuple[bytes, bytes] | None:
+    """(client, canonical line) of what looks like an AT line, *not* validated.
+
+    For the duplicate check: a line byte-identical to a record already held was
+    valid when it was stored, so it can be dropped without parsing it again.
+    """
+    if len(fields) == 6 and fields[0] == b"AT":
+        return fields[3], b" ".join(fields)
+    return None
+
+
 def parse(line: bytes) -> Message | None:
     """Parse one line (``\\n`` already removed). ``None`` means: blank, no reply.
 
@@ -207,6 +218,11 @@ def parse(line: bytes) -> Message | None:
     fields = line.split()
     if not fields:
         return None
+    return parse_fields(fields, line)
+
+
+def parse_fields(fields: list[bytes], line: bytes) -> Message:
+    """``parse`` for a caller that already split the (non-blank) line."""
     if not line.isascii():  # the common case skips the decode entirely
         try:
             line.decode("utf-8")

@@ -220,10 +220,18 @@ class HerdServer:
             self.stats.invalid += 1
             self.log.info("in", conn=conn.id, overlong=item.prefix)
             return self._reply(conn, protocol.overlong_reply(item))
-        msg = protocol.parse(item)
-        if msg is None:
-            return None
+        fields = item.split()
+        if not fields:
+            return None  # blank: no reply
         self.log.traffic("in", conn.id, "line", item)
+        echo = protocol.at_identity(fields)
+        if echo is not None and self.store.holds(*echo):
+            # Flooding brings most AT lines to a server twice; the second copy is
+            # byte-identical to what it holds, so it is dropped without a parse.
+            self.stats.at_received += 1
+            self.log.debug("at_dropped", conn=conn.id, client=echo[0])
+            return None
+        msg = protocol.parse_fields(fields, item)
         if isinstance(msg, IAmAt):
             return self._reply(conn, self._iamat(msg))
         if isinstance(msg, At):
@@ -261,8 +269,11 @@ class HerdServer:
             self.log.debug("at_dropped", conn=conn.id, client=msg.client)
 
     def _flood(self, record: At) -> None:
+        # Not back to the server that made the record: it holds it, or (restarted
+        # and empty) gets it in the full sync when its links come up.
         for forwarder in self.forwarders.values():
-            forwarder.offer(record.client, record.line)
+            if forwarder.name_bytes != record.server:
+                forwarder.offer(record.client, record.line)
 
     def _whatsat(self, msg: WhatsAt, record: At, conn: Connection) -> bytes:
         payload = self.places_call(record, msg.radius_m, msg.bound)

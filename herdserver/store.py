@@ -21,6 +21,11 @@ class Store:
         self._records[record.client] = record
         return True
 
+    def holds(self, client: bytes, line: bytes) -> bool:
+        """True when the record held for ``client`` is exactly ``line`` (canonical form)."""
+        held = self._records.get(client)
+        return held is not None and held.line == line
+
     def get(self, client: bytes) -> At | None:
         return self._records.get(client)
 

@@ -347,6 +347,18 @@ def test_at_invalid(line: bytes) -> None:
     invalid(line)
 
 
+def test_at_identity_is_the_client_and_the_canonical_line_of_a_six_field_at() -> None:
+    messy = b"  AT\tAlford  +0.263873386\t\t" + KIWI + b"\x0b" + LOC + b"\x0c" + T + b" \r"
+    assert protocol.at_identity(messy.split()) == (KIWI, AT_LINE)
+    # Not validated (that is parse's job), only shaped: the store decides what it is worth.
+    assert protocol.at_identity(b"AT a b c d e".split()) == (b"c", b"AT a b c d e")
+
+
+@pytest.mark.parametrize("line", [b"AT a b c d", b"AT a b c d e f", b"IAMAT a b c d e", b"at a b c d e"])
+def test_at_identity_is_none_for_anything_else(line: bytes) -> None:
+    assert protocol.at_identity(line.split()) is None
+
+
 # ---------------------------------------------------------------- white space
 
 

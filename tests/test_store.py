@@ -112,3 +112,13 @@ def test_lines_is_a_snapshot() -> None:
     lines = store.lines()
     store.offer(at(b"2", client=b"c"))  # would break a live dict iterator
     assert sorted(lines) == [b"AT Alford +0.000000000 a +1+1 1", b"AT Alford +0.000000000 b +1+1 1"]
+
+
+def test_holds_is_true_only_for_the_exact_held_line() -> None:
+    store = Store()
+    record = at(b"1")
+    assert store.holds(b"kiwi", record.line) is False  # nothing held yet
+    store.offer(record)
+    assert store.holds(b"kiwi", record.line) is True
+    assert store.holds(b"kiwi", record.line.replace(b"+0.000000000", b"+0.000000001")) is False
+    assert store.holds(b"other", record.line) is False
