@@ -12,6 +12,7 @@ then converted with integer arithmetic.
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass
 from decimal import Decimal
@@ -256,14 +257,75 @@ def format_invalid(stripped: bytes) -> bytes:
 
 
 _NEWLINE_RUNS = re.compile(rb"\n{2,}")
+JSON_INDENT = "   "  # three spaces, as Google indents its answers
 
 
 def format_places_json(payload: dict[str, Any]) -> bytes:
     """Places JSON as the spec wants it: newline runs collapsed, none trailing."""
     # backslashreplace: a lone surrogate (legal in decoded JSON) becomes its own
     # JSON escape \udXXX instead of raising UnicodeEncodeError.
-    text = json.dumps(payload, indent=3, ensure_ascii=False).encode("utf-8", "backslashreplace")
+    text = dumps_indented(payload).encode("utf-8", "backslashreplace")
     return _NEWLINE_RUNS.sub(b"\n", text).rstrip(b"\n")
+
+
+class _Unusual(Exception):
+    """A value the fast encoder leaves to the standard library."""
+
+
+_encode_string = json.encoder.encode_basestring  # C; keeps non-ASCII as it is
+_LITERALS = {True: "true", False: "false", None: "null"}
+
+
+def dumps_indented(value: Any) -> str:
+    """Exactly ``json.dumps(value, indent=3, ensure_ascii=False)``, about twice as fast.
+
+    With ``indent`` the standard library falls back to its pure-Python encoder,
+    a sixth of a WHATSAT's CPU; this one walks plain JSON data (what a decoded
+    answer holds) with the C string encoder and leaves anything else to
+    ``json.dumps``.
+    """
+    out: list[str] = []
+    try:
+        _emit(value, "\n", out)
+    except _Unusual:
+        return json.dumps(value, indent=3, ensure_ascii=False)
+    return "".join(out)
+
+
+def _emit(value: Any, newline: str, out: list[str]) -> None:
+    kind = type(value)
+    if kind is str:
+        out.append(_encode_string(value))
+    elif kind is dict and value:
+        inner = newline + JSON_INDENT
+        separator = "{" + inner
+        for key, item in value.items():
+            if type(key) is not str:
+                raise _Unusual
+            out.append(separator)
+            out.append(_encode_string(key))
+            out.append(": ")
+            _emit(item, inner, out)
+            separator = "," + inner
+        out.append(newline + "}")
+    elif kind is list and value:
+        inner = newline + JSON_INDENT
+        separator = "[" + inner
+        for item in value:
+            out.append(separator)
+            _emit(item, inner, out)
+            separator = "," + inner
+        out.append(newline + "]")
+    elif kind is int:
+        out.append(int.__repr__(value))
+    elif kind is float and math.isfinite(value):
+        out.append(float.__repr__(value))
+    elif kind is bool or value is None:
+        out.append(_LITERALS[value])
+    elif (kind is dict or kind is list) and not value:
+        out.append("{}" if kind is dict else "[]")
+    else:
+        raise _Unusual  # NaN, Infinity, tuples, subclasses: the standard library's business
 
 
 def format_whatsat_reply(at_line: bytes, payload: dict[str, Any]) -> bytes:

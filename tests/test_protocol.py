@@ -594,10 +594,26 @@ def test_whatsat_reply_shape(payload: dict[str, Any]) -> None:
 
 
 def test_places_json_collapses_newline_runs(monkeypatch: pytest.MonkeyPatch) -> None:
-    # json.dumps(indent=...) never writes blank lines itself; make it, to exercise the rule.
-    monkeypatch.setattr(json, "dumps", lambda *a, **k: '{\n\n\n  "a": 1,\n\n  "b": 2\n}\n\n\n')
+    # No JSON encoder writes blank lines itself; make one, to exercise the rule.
+    monkeypatch.setattr(protocol, "dumps_indented", lambda *a, **k: '{\n\n\n  "a": 1,\n\n  "b": 2\n}\n\n\n')
     assert format_places_json({}) == b'{\n  "a": 1,\n  "b": 2\n}'
     assert format_whatsat_reply(b"AT x", {}) == b'AT x\n{\n  "a": 1,\n  "b": 2\n}\n\n'
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        {"html_attributions": [], "results": [{"name": "A", "geometry": {"location": {"lat": 34.1, "lng": -118.4}}}]},
+        {"a": [], "b": {}, "c": [[], {}, [[1]]], "d": "", "e": 0, "f": -0.0, "g": 1e300, "h": 12345678901234567890},
+        {"t": True, "f": False, "n": None, "list": [True, False, None, 1, 2.5, "x"]},
+        {"caf\u00e9": "\u2028 \U0001f95d \x00 \x1f \\ \" \n", "lone": "\ud800"},
+        {"nan": float("nan"), "inf": [float("inf"), float("-inf")]},  # NaN/Infinity: the stdlib's spelling
+        {"tuple": (1, 2)}, {1: "int key"}, {True: "bool key"}, {None: "none key"}, {1.5: "float key"},
+        [1, {"x": [2]}], "just a string", 7, 2.5, None, {}, [],
+    ],
+)
+def test_dumps_indented_is_exactly_json_dumps_indent_3(value: Any) -> None:
+    assert protocol.dumps_indented(value) == json.dumps(value, indent=3, ensure_ascii=False)
 
 
 def test_cut_results() -> None:
