@@ -6,6 +6,7 @@ fixed from the message alone. Nothing here touches the network.
 
 from __future__ import annotations
 
+import ast
 import configparser
 import ipaddress
 import os
@@ -202,6 +203,31 @@ def _read_servers(reader: _Reader, default_host: str) -> dict[str, ServerConfig]
     }
 
 
+def _parse_error(path: str, exc: configparser.Error) -> ConfigError:
+    """configparser's complaints, reworded as ``file: [section] key: problem`` with the line."""
+    line = getattr(exc, "lineno", None)
+    at = f" (line {line})" if line else ""
+    if isinstance(exc, configparser.DuplicateOptionError):
+        return ConfigError(path, exc.section, exc.option, f"given twice{at}")
+    if isinstance(exc, configparser.DuplicateSectionError):
+        return ConfigError(path, exc.section, None, f"section given twice{at}")
+    if isinstance(exc, configparser.MissingSectionHeaderError):
+        return ConfigError(path, None, None, f"line {exc.lineno}: {exc.line.strip()!r} comes before any [section]")
+    if isinstance(exc, configparser.ParsingError):
+        lines = ", ".join(f"line {n}: {_unrepr(text)!r}" for n, text in exc.errors[:3])
+        return ConfigError(path, None, None, f"not 'key = value' or '[section]': {lines}")
+    return ConfigError(path, None, None, " ".join(str(exc).split()))
+
+
+def _unrepr(text: str) -> str:
+    """configparser keeps a bad line as its repr(); the line itself, stripped."""
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+    return value.strip() if isinstance(value, str) else text
+
+
 def load(path: str | os.PathLike[str]) -> HerdConfig:
     """Parse and validate a herd file; raises ConfigError naming file, section, key."""
     path = str(path)
@@ -216,8 +242,7 @@ def load(path: str | os.PathLike[str]) -> HerdConfig:
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(path, None, None, f"cannot read: {exc}") from None
     except configparser.Error as exc:
-        problem = " ".join(str(exc).split())
-        raise ConfigError(path, None, None, problem) from None
+        raise _parse_error(path, exc) from None
     reader = _Reader(path, parser)
     known = {"herd", "places", "limits", "peers"}
     for section in parser.sections():

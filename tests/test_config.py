@@ -210,28 +210,22 @@ def test_file_not_found(tmp_path: Path) -> None:
 
 def test_syntax_error(tmp_path: Path) -> None:
     path, message = error(tmp_path, TWO.replace("port = 13001", "port = 13001\nthis line is garbage"))
-    assert message.startswith(f"{path}: ")
-    assert "[line 11]" in message
-    assert "'this line is garbage" in message
-    assert "\n" not in message
+    assert message == f"{path}: not 'key = value' or '[section]': line 11: 'this line is garbage'"
 
 
 def test_no_section_header(tmp_path: Path) -> None:
     path, message = error(tmp_path, "port = 1\n" + TWO)
-    assert message.startswith(f"{path}: File contains no section headers")
-    assert "line: 1" in message
+    assert message == f"{path}: line 1: 'port = 1' comes before any [section]"
 
 
 def test_duplicate_key_names_section_and_key(tmp_path: Path) -> None:
     path, message = error(tmp_path, TWO.replace("port = 13001", "port = 13001\nport = 13002"))
-    assert message.startswith(f"{path}: ")
-    assert "option 'port' in section 'server:B' already exists" in message
+    assert message == f"{path}: [server:B] port: given twice (line 11)"
 
 
 def test_duplicate_section(tmp_path: Path) -> None:
     path, message = error(tmp_path, TWO + "[server:A]\nport = 13005\n")
-    assert message.startswith(f"{path}: ")
-    assert "section 'server:A' already exists" in message
+    assert message.startswith(f"{path}: [server:A]: section given twice (line ")
 
 
 def test_not_utf8(tmp_path: Path) -> None:
