@@ -27,10 +27,16 @@ _ESCAPES = {"\\": "\\\\", '"': '\\"', "\n": "\\n", "\r": "\\r", "\t": "\\t"}
 
 
 def _escape_char(m: re.Match[str]) -> str:
-    ch = m.group()
-    if ch in _ESCAPES:
-        return _ESCAPES[ch]
-    return f"\\x{ord(ch):02x}" if ord(ch) < 0x100 else f"\\u{ord(ch):04x}"
+    """One character as an escape. A single backslash always starts an escape (a
+    literal one is doubled), so different inputs never log the same."""
+    code = ord(m.group())
+    if m.group() in _ESCAPES:
+        return _ESCAPES[m.group()]
+    if code < 0x80:  # C0 and DEL: the byte itself
+        return f"\\x{code:02x}"
+    if 0xDC80 <= code <= 0xDCFF:  # a byte that is not UTF-8 (surrogateescape): the byte
+        return f"\\x{code - 0xDC00:02x}"
+    return f"\\u{code:04x}"  # C1 controls, line/paragraph separators, other surrogates
 
 
 _UNSAFE_ASCII = re.compile(b'[\\\\"\x00-\x1f\x7f]')
@@ -43,9 +49,9 @@ def escape(value: object) -> str:
             # The common case, a printable ASCII command: no per-character work.
             text = value.decode("ascii")
             return text if text and _NEEDS_QUOTES.search(text) is None else f'"{text}"'
-        text = value.decode("utf-8", "backslashreplace")
+        text = value.decode("utf-8", "surrogateescape")
     elif isinstance(value, (bytearray, memoryview)):
-        text = bytes(value).decode("utf-8", "backslashreplace")
+        text = bytes(value).decode("utf-8", "surrogateescape")
     else:
         text = str(value)
     if text and _NEEDS_QUOTES.search(text) is None:
@@ -58,7 +64,7 @@ def escape(value: object) -> str:
 # The escapes nearly every quoted value needs (a WHATSAT reply has dozens of
 # newlines and quotes): plain str.replace, far cheaper than a callback per match.
 _COMMON_ESCAPES = tuple(_ESCAPES.items())  # backslash first: later escapes add backslashes
-_RARE_UNSAFE = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u2028\u2029]")
+_RARE_UNSAFE = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
 
 
 def _escape_text(text: str) -> str:

@@ -35,20 +35,28 @@ STAMP = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z"
         ("\x00\x1b[31m", r'"\x00\x1b[31m"'),
         ("\x0b\x0c\x1c\x1f", r'"\x0b\x0c\x1c\x1f"'),
         ("\x7f", r'"\x7f"'),
-        ("\x85", r'"\x85"'),
-        ("\x9f", r'"\x9f"'),
+        ("\x85", r'"\u0085"'),
+        ("\x9f", r'"\u009f"'),
         ("a\u2028b", r'"a\u2028b"'),
         ("\u2029", r'"\u2029"'),
         ("caf\u00e9", '"caf\u00e9"'),  # printable non-ASCII is kept, quoted
         (b"IAMAT kiwi +34-118 1", '"IAMAT kiwi +34-118 1"'),
-        (b"\xff\xfe", r'"\\xff\\xfe"'),  # invalid UTF-8: backslashreplace, then the \ escaped
-        (b"ok\xc3\xa9\xc3", '"ok\u00e9\\\\xc3"'),
+        (b"\xff\xfe", r'"\xff\xfe"'),  # bytes that are not UTF-8: the bytes, as escapes
+        (b"ok\xc3\xa9\xc3", '"ok\u00e9\\xc3"'),
         (bytearray(b"a\nb"), r'"a\nb"'),
         (memoryview(b"plain"), "plain"),
     ],
 )
 def test_escape(value: object, text: str) -> None:
     assert escape(value) == text
+
+
+def test_different_inputs_never_log_the_same() -> None:
+    # A byte that is not UTF-8, the C1 character of that number, and the text of an escape.
+    values = [b"A\x85", "A\x85", b"A\\x85", b"A\xc2\x85", "A\\u0085", "A\ud800", b"A\\\x85"]
+    logged = [escape(v) for v in values]
+    assert logged[1] == logged[3]  # the same character, from str or from UTF-8 bytes
+    assert len(set(logged)) == len(values) - 1, logged
 
 
 def test_escaped_values_never_contain_line_breaks() -> None:
@@ -124,7 +132,7 @@ def test_forged_client_id_in_the_file(tmp_path: Path) -> None:
     assert [line for line in lines if line.startswith("2026-11-24T17:54:23.123456Z")] == []
     assert r'line="IAMAT x\n2026-11-24T17:54:23.123456Z INFO Alford event=in conn=9 line=\"IAMAT evil' in lines[0]
     assert sum(bool(re.match(STAMP + " INFO Alford event=in ", line)) for line in lines) == 2
-    assert lines[1].endswith(r'event=in conn=1 line="bad \\xff\\xfe bytes \x1b[2J\u2028"')
+    assert lines[1].endswith(r'event=in conn=1 line="bad \xff\xfe bytes \x1b[2J\u2028"')
 
 
 def test_traceback_folded_into_one_line(tmp_path: Path) -> None:
