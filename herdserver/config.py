@@ -38,6 +38,7 @@ class Limits:
     max_connections: int = 20000
     idle_timeout: float = 0.0  # seconds; 0 keeps idle clients forever
     shutdown_grace: float = 2.0  # seconds to let clients finish on stop
+    park_after: float = 5.0  # seconds a quiet client keeps its greenlet (~9 KB) before it is parked
 
 
 @dataclass(frozen=True)
@@ -95,7 +96,7 @@ class HerdConfig:
 
 
 _HERD_KEYS = {"host", "log_dir", "log_level"}
-_LIMIT_KEYS = {"max_line_bytes", "max_connections", "idle_timeout", "shutdown_grace"}
+_LIMIT_KEYS = {"max_line_bytes", "max_connections", "idle_timeout", "shutdown_grace", "park_after"}
 _PEER_KEYS = {"backoff_initial", "backoff_max", "connect_timeout", "write_timeout"}
 _PLACES_KEYS = {"provider", "api_key_env", "base_url", "timeout", "connect_timeout", "pool_size", "field_mask"}
 _SERVER_KEYS = {"port", "neighbors", "host"}
@@ -280,6 +281,7 @@ def _read_limits(reader: _Reader) -> Limits:
         max_connections=reader.integer("limits", "max_connections", d.max_connections, 1, 1_000_000),
         idle_timeout=reader.number("limits", "idle_timeout", d.idle_timeout),
         shutdown_grace=reader.number("limits", "shutdown_grace", d.shutdown_grace),
+        park_after=reader.number("limits", "park_after", d.park_after, minimum=0.01),
     )
 
 

@@ -1,5 +1,11 @@
 """One herd server: a gevent StreamServer, a greenlet per client, a forwarder per neighbor.
 
+A client gets its greenlet when its bytes (or its EOF) arrive: until then it
+is parked on an io watcher, so an idle connection costs a socket and a few small
+objects (under 1 KB) instead of a greenlet and its stacks (about 9 KB). A client
+that goes quiet for ``[limits] park_after`` seconds is parked again by a sweeper; the hot
+path pays one flag per batch for it.
+
 Everything protocol-shaped is delegated to ``protocol`` (pure); this module
 only moves bytes between sockets, the store, the forwarders and Places.
 """
@@ -17,7 +23,7 @@ from typing import Any
 import gevent
 from gevent.event import Event
 from gevent.greenlet import Greenlet
-from gevent.pool import Group, Pool
+from gevent.pool import Group
 from gevent.server import StreamServer
 
 from . import logs, protocol
@@ -35,13 +41,31 @@ REPLY_BUFFER_BYTES = 65536  # replies held for one connection before writing
 QUIET_ERRNOS = {errno.EPIPE, errno.ECONNRESET, errno.ECONNABORTED, errno.ETIMEDOUT, errno.ENOTCONN}
 
 
-@dataclass
+class _Park(Exception):
+    """Thrown into a handler waiting for bytes: hand the connection back to a watcher."""
+
+
+@dataclass(slots=True, eq=False)
 class Connection:
-    """Per-client state; ``busy`` while a batch of commands is being answered."""
+    """Per-client state; ``busy`` while a batch of commands is being answered.
+
+    Parked: ``watcher`` (and ``timer`` with an idle timeout) wait for bytes.
+    Served: ``greenlet`` runs the handler; ``waiting`` while it waits in recv,
+    ``active`` once it got bytes since the sweeper last looked. The splitter
+    (with any half-received line) survives parking.
+    """
 
     id: int
     peer: str
+    sock: Any = None
     busy: bool = False
+    watcher: Any = None
+    timer: Any = None
+    greenlet: Greenlet | None = None
+    splitter: LineSplitter | None = None
+    waiting: bool = False
+    active: bool = False
+    last_bytes: float = 0.0  # time.monotonic() of the last bytes, for the idle timeout
 
 
 @dataclass
@@ -80,16 +104,17 @@ class HerdServer:
             neighbor: Forwarder(config.servers[neighbor], config.peers, self.store.lines, self.log)
             for neighbor in self.me.neighbors
         }
-        self.connections: dict[Greenlet, Connection] = {}
+        self.connections: dict[int, Connection] = {}
         self._conn_ids = itertools.count(1)
         self._workers = Group()  # forwarders and the log flusher
         self._calls = Group()  # WHATSATs waiting on Places
-        self._pool = Pool(self.limits.max_connections)
+        self._clients = Group()  # client handlers (parked connections have none)
         self._stopped = Event()
-        self._server = StreamServer(
+        self._stopping = False
+        self._server = _ClientServer(
+            self,
             listener if listener is not None else (self.me.host, self.me.port),
-            self._handle,
-            spawn=self._pool,
+            self._park,
             backlog=None if listener is not None else 1024,
         )
 
@@ -110,6 +135,7 @@ class HerdServer:
         for forwarder in self.forwarders.values():
             self._spawn_worker(forwarder.run)
         self._spawn_worker(self._flush_logs)
+        self._spawn_worker(self._park_quiet_clients)
 
     def _spawn_worker(self, func: Callable[[], None]) -> None:
         greenlet = self._workers.spawn(func)
@@ -129,12 +155,16 @@ class HerdServer:
         if self._stopped.is_set():
             return
         grace = self.limits.shutdown_grace if grace is None else grace
+        self._stopping = True
         self._server.close()
-        for greenlet, conn in list(self.connections.items()):
-            if not conn.busy:
-                greenlet.kill(block=False)
-        self._pool.join(timeout=grace)
-        self._pool.kill(timeout=1)
+        for conn in list(self.connections.values()):
+            if conn.watcher is not None:
+                self._unpark(conn)
+                self._close(conn, "server_stop")
+            elif conn.greenlet is not None and not conn.busy:
+                conn.greenlet.kill(block=False)
+        self._clients.join(timeout=grace)
+        self._clients.kill(timeout=1)
         self._calls.kill(timeout=1)
         self._workers.kill(timeout=1)
         self.provider.close()
@@ -149,15 +179,74 @@ class HerdServer:
 
     # -- one client connection -----------------------------------------------------------
 
-    def _handle(self, sock: socket.socket, address: Any) -> None:
-        conn = Connection(next(self._conn_ids), _format_address(address))
-        current = gevent.getcurrent()
-        self.connections[current] = conn
+    def _park(self, sock: socket.socket, address: Any) -> None:
+        """A new client (in the hub, from the accept loop): wait for its first bytes."""
+        conn = Connection(next(self._conn_ids), _format_address(address), sock, last_bytes=time.monotonic())
+        self.connections[conn.id] = conn
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.log.info("open", conn=conn.id, peer=conn.peer)
+        self._watch(conn)
+
+    def _watch(self, conn: Connection) -> None:
+        loop = gevent.get_hub().loop
+        conn.watcher = loop.io(conn.sock.fileno(), 1)
+        conn.watcher.start(self._wake, conn)
+        if self.limits.idle_timeout:
+            # What is left of the idle time: parking again does not restart the clock.
+            left = self.limits.idle_timeout - (time.monotonic() - conn.last_bytes)
+            conn.timer = loop.timer(max(0.0, left))
+            conn.timer.start(self._idle_parked, conn)
+
+    def _unpark(self, conn: Connection) -> None:
+        conn.watcher.close()
+        conn.watcher = None
+        if conn.timer is not None:
+            conn.timer.close()
+            conn.timer = None
+
+    def _wake(self, conn: Connection) -> None:
+        """The parked client sent something (or closed): its handler takes over."""
+        self._unpark(conn)
+        self._clients.spawn(self._handle, conn)
+
+    def _idle_parked(self, conn: Connection) -> None:
+        self._unpark(conn)
+        self.log.info("idle_timeout", conn=conn.id)
+        self._close(conn, "eof")
+
+    def _close(self, conn: Connection, reason: str) -> None:
+        self.connections.pop(conn.id, None)
+        self.log.info("close", conn=conn.id, reason=reason)
+        conn.sock.close()
+        self._server.resume()
+
+    def _park_quiet_clients(self) -> None:
+        """Every ``park_after`` s: park handlers that waited for bytes all along
+        (so a client is parked after one to two periods of quiet)."""
+        hub = gevent.get_hub()
+        while True:
+            gevent.sleep(self.limits.park_after)
+            for conn in list(self.connections.values()):
+                if conn.waiting and not conn.active:
+                    hub.loop.run_callback(self._park_now, conn)
+                conn.active = False
+
+    def _park_now(self, conn: Connection) -> None:
+        # In the hub. Checked again here: the handler may have woken up since the
+        # sweep; if it still waits in recv, _Park lands there and no bytes are lost
+        # (they stay in the kernel until the watcher sees them).
+        if conn.waiting and not conn.active and conn.greenlet is not None and not self._stopping:
+            conn.greenlet.throw(_Park)
+
+    def _handle(self, conn: Connection) -> None:
+        sock = conn.sock
+        conn.greenlet = gevent.getcurrent()
         reason = "eof"
+        parked = False
         try:
-            self._serve(sock, conn)
+            if self._stopping:
+                raise gevent.GreenletExit
+            parked = self._serve(sock, conn)
         except OSError as exc:
             reason = errno.errorcode.get(exc.errno or 0, type(exc).__name__)
             if exc.errno not in QUIET_ERRNOS:
@@ -170,25 +259,39 @@ class HerdServer:
             self.stats.crashes.append(repr(exc))
             self.log.exception("connection_crashed", conn=conn.id)
         finally:
-            self.connections.pop(current, None)
-            self.log.info("close", conn=conn.id, reason=reason)
-            sock.close()
+            conn.greenlet = None
+            if parked and not self._stopping:
+                self._watch(conn)
+            else:
+                self._close(conn, "server_stop" if parked else reason)
 
-    def _serve(self, sock: socket.socket, conn: Connection) -> None:
-        splitter = LineSplitter(self.limits.max_line_bytes)
+    def _serve(self, sock: socket.socket, conn: Connection) -> bool:
+        """Answer the client until EOF (False) or until the sweeper parks it (True)."""
+        if conn.splitter is None:
+            conn.splitter = LineSplitter(self.limits.max_line_bytes)
+        splitter = conn.splitter
         idle = self.limits.idle_timeout or None
         while True:
-            data = recv_chunk(sock, idle)
+            conn.waiting = True
+            try:
+                data = recv_chunk(sock, idle)
+            except _Park:
+                return True
+            finally:
+                conn.waiting = False
+            conn.active = True
+            if idle:
+                conn.last_bytes = time.monotonic()
             if data is None:
                 self.log.info("idle_timeout", conn=conn.id)
-                return
+                return False
             items = splitter.feed(data) if data else splitter.finish()
             if items:
                 conn.busy = True
                 self._answer(sock, items, conn)
                 conn.busy = False
             if not data:
-                return  # EOF: everything owed has been written
+                return False  # EOF: everything owed has been written
 
     def _answer(self, sock: socket.socket, items: list[bytes | Overlong], conn: Connection) -> None:
         """Reply to a batch of lines in order; the batch's Places calls overlap.
@@ -303,6 +406,33 @@ class HerdServer:
             ms="%.1f" % ((time.perf_counter() - started) * 1000),
         )
         return payload
+
+
+class _ClientServer(StreamServer):  # type: ignore[misc]  # gevent has no type stubs
+    """Hands each accepted socket to ``HerdServer._park`` in the accept loop (no greenlet
+    yet) and stops accepting while ``max_connections`` clients are open (the rest wait
+    in the accept queue)."""
+
+    def __init__(self, herd: HerdServer, listener: Any, park: Callable[[Any, Any], None], **kwargs: Any):
+        super().__init__(listener, park, **kwargs)
+        self.herd = herd
+        self.paused = False
+
+    def do_handle(self, *args: Any) -> None:
+        try:
+            self._handle(*args)
+        except BaseException:
+            self.do_close(*args)
+            raise
+
+    def full(self) -> bool:
+        self.paused = len(self.herd.connections) >= self.herd.limits.max_connections
+        return self.paused
+
+    def resume(self) -> None:
+        if self.paused and self.started:
+            self.paused = False
+            self.start_accepting()
 
 
 def _write_replies(sock: socket.socket, pending: list[bytes | Greenlet]) -> None:

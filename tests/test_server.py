@@ -339,6 +339,61 @@ def test_stop_closes_idle_clients_promptly_and_refuses_new_ones(make_herd: Calla
     assert address == herd.address("Alford")
 
 
+def _handlers(herd: Herd, name: str = "Alford") -> int:
+    """Client handler greenlets running in a server (parked clients have none)."""
+    return len(herd.servers[name]._clients)
+
+
+def test_idle_clients_hold_no_greenlet_until_they_speak(make_herd: Callable[..., Herd]) -> None:
+    herd = make_herd({"Alford": []})
+    server = herd.servers["Alford"]
+    clients = [herd.client("Alford") for _ in range(20)]
+    wait_until(lambda: len(server.connections) == 20, what="20 connections accepted")
+    assert _handlers(herd) == 0
+    assert clients[7].ask(iamat()).startswith(b"AT Alford ")
+    assert _handlers(herd) == 1 and len(server.connections) == 20
+
+
+def test_a_quiet_client_is_parked_again_and_keeps_its_half_line(make_herd: Callable[..., Herd]) -> None:
+    herd = make_herd({"Alford": []}, limits=Limits(park_after=0.05), clock=lambda: 2_000_000_000)
+    client = herd.client("Alford")
+    assert client.ask(b"IAMAT a +1-1 1") == b"AT Alford +1.000000000 a +1-1 1\n"
+    client.send(b"IAMAT b +1")  # half a line, then quiet
+    wait_until(lambda: _handlers(herd) == 0, what="the quiet client to be parked")
+    client.send(b"-1 1\n")
+    assert client.readline() == b"AT Alford +1.000000000 b +1-1 1\n"
+    wait_until(lambda: _handlers(herd) == 0, what="parked once more")
+    client.half_close()
+    assert client.read_to_eof() == b""
+
+
+def test_clients_past_max_connections_wait_in_the_accept_queue(make_herd: Callable[..., Herd]) -> None:
+    herd = make_herd({"Alford": []}, limits=Limits(max_connections=2))
+    server = herd.servers["Alford"]
+    first, second = herd.client("Alford"), herd.client("Alford")
+    wait_until(lambda: len(server.connections) == 2, what="two connections accepted")
+    third = herd.client("Alford", timeout=0.3)  # the kernel queues it; the server does not accept
+    third.send(iamat(b"third") + b"\n")
+    with pytest.raises(AssertionError, match="no data"):
+        third.readline()
+    assert len(server.connections) == 2
+    first.close()
+    third.timeout = 5.0
+    assert third.readline().startswith(b"AT Alford ")
+    assert second.ask(iamat()).startswith(b"AT Alford ")
+
+
+def test_idle_timeout_drops_silent_and_quiet_clients(make_herd: Callable[..., Herd]) -> None:
+    herd = make_herd({"Alford": []}, limits=Limits(idle_timeout=0.3, park_after=0.05))
+    silent, quiet = herd.client("Alford"), herd.client("Alford")
+    assert quiet.ask(iamat()).startswith(b"AT Alford ")
+    assert silent.read_to_eof() == b"" and quiet.read_to_eof() == b""
+    wait_until(lambda: not herd.servers["Alford"].connections, what="both closed")
+    herd.servers["Alford"].log.flush()
+    text = open(herd.config.log_path("Alford"), encoding="utf-8").read()
+    assert text.count("event=idle_timeout") == 2
+
+
 def test_many_clients_at_once(make_herd: Callable[..., Herd]) -> None:
     herd = make_herd({"Alford": []})
     clients = [herd.client("Alford") for _ in range(200)]
