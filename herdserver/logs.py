@@ -128,6 +128,18 @@ class EventLog:
         if self.buffered >= self.max_buffer:
             self.flush()
 
+    def lines_out(self, neighbor: str, lines: list[bytes]) -> None:
+        """``event=out neighbor=N line=...`` per AT line of one write to a neighbor
+        (one timestamp for them all: they left in one send)."""
+        if self.level > logging.INFO or not lines:
+            return
+        head = f"{self._timestamp()} INFO {self.server} event=out neighbor={escape(neighbor)} line="
+        text = "".join([head + escape(line) + "\n" for line in lines])
+        self.buffer.append(text)
+        self.buffered += len(text)
+        if self.buffered >= self.max_buffer:
+            self.flush()
+
     def debug(self, event: str, **values: Any) -> None:
         self._log(logging.DEBUG, "DEBUG", event, values)
 

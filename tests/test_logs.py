@@ -135,6 +135,19 @@ def test_forged_client_id_in_the_file(tmp_path: Path) -> None:
     assert lines[1].endswith(r'event=in conn=1 line="bad \xff\xfe bytes \x1b[2J\u2028"')
 
 
+def test_lines_out_one_event_per_line_sent(tmp_path: Path) -> None:
+    path = tmp_path / "Alford.log"
+    log = logs.setup("Alford", str(path))
+    log.lines_out("Hamilton", [b"AT Alford +0.1 a +1+1 1", b"AT Ball -0.2 b +2+2 2"])
+    log.lines_out("Hamilton", [])
+    log.close()
+    lines = read_lines(path)
+    assert len(lines) == 2
+    assert re.fullmatch(STAMP + ' INFO Alford event=out neighbor=Hamilton line="AT Alford \\+0.1 a \\+1\\+1 1"', lines[0])
+    assert lines[1].endswith('event=out neighbor=Hamilton line="AT Ball -0.2 b +2+2 2"')
+    assert lines[0][:27] == lines[1][:27]  # one write, one timestamp
+
+
 def test_traceback_folded_into_one_line(tmp_path: Path) -> None:
     path = tmp_path / "Alford.log"
     log = handler = logs.setup("Alford", str(path))

@@ -312,6 +312,7 @@ def test_log_file_records_lines_connections_links_and_places(herd: Herd) -> None
     for pattern in [
         r"event=start address=127\.0\.0\.1:\d+ neighbors=Hamilton,Welsh provider=google",
         r"event=link_up neighbor=Hamilton",
+        r'event=out neighbor=Hamilton line="AT Alford [+-]\d+\.\d{9} kiwi\.cs\.ucla\.edu ',
         r"event=link_down neighbor=Hamilton",
         r"event=open conn=\d+ peer=127\.0\.0\.1:\d+",
         r"event=close conn=\d+ reason=eof",
