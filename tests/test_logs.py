@@ -143,7 +143,8 @@ def test_lines_out_one_event_per_line_sent(tmp_path: Path) -> None:
     log.close()
     lines = read_lines(path)
     assert len(lines) == 2
-    assert re.fullmatch(STAMP + ' INFO Alford event=out neighbor=Hamilton line="AT Alford \\+0.1 a \\+1\\+1 1"', lines[0])
+    pattern = STAMP + ' INFO Alford event=out neighbor=Hamilton line="AT Alford \\+0.1 a \\+1\\+1 1"'
+    assert re.fullmatch(pattern, lines[0])
     assert lines[1].endswith('event=out neighbor=Hamilton line="AT Ball -0.2 b +2+2 2"')
     assert lines[0][:27] == lines[1][:27]  # one write, one timestamp
 
