@@ -7,8 +7,10 @@
 
 Prints one line per server once every port accepts connections, then waits.
 Ctrl-C or SIGTERM stops every server it started (SIGTERM, then SIGKILL after
---stop-timeout seconds) and exits with status 0. This launcher uses no gevent:
-it only starts processes and polls ports.
+--stop-timeout seconds) and exits with status 0 if every server ran until then
+and stopped cleanly, 1 if one did not (it exited by itself, or had to be killed).
+A port that something else already listens on is refused before anything starts.
+This launcher uses no gevent: it only starts processes and polls ports.
 """
 
 from __future__ import annotations
@@ -59,6 +61,15 @@ def port_open(host: str, port: int) -> bool:
         return False
 
 
+def ports_in_use(config: HerdConfig, names: list[str]) -> list[str]:
+    """Servers whose address something already listens on (it would answer in their place)."""
+    return [
+        f"{name}: {s.host}:{s.port} is already in use by another program"
+        for name in names
+        if port_open((s := config.servers[name]).host, s.port)
+    ]
+
+
 def start(config: HerdConfig, names: list[str]) -> list[Child]:
     children = []
     for name in names:
@@ -85,18 +96,31 @@ def wait_until_listening(children: list[Child], timeout: float) -> str | None:
     return None
 
 
-def stop(children: list[Child], timeout: float) -> None:
+def stop(children: list[Child], timeout: float) -> bool:
+    """SIGTERM every child still running, SIGKILL what outlives ``timeout``; True
+    when every one of them was still running and exited 0."""
+    clean = True
     for child in children:
         if child.process.poll() is None:
             child.process.send_signal(signal.SIGTERM)
+        else:
+            clean = False  # it had exited by itself
+            report_exit(child)
     deadline = time.monotonic() + timeout
     for child in children:
         try:
-            child.process.wait(max(0.0, deadline - time.monotonic()))
+            code = child.process.wait(max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             print(f"run_herd: {child.server.name} ignored SIGTERM; killing it", file=sys.stderr)
             child.process.kill()
             child.process.wait()
+            clean = False
+            continue
+        if code != 0 and not child.reported_exit:
+            print(f"run_herd: {child.server.name} stopped with status {code}", file=sys.stderr)
+            child.reported_exit = True
+            clean = False
+    return clean
 
 
 def print_table(config: HerdConfig, children: list[Child]) -> None:
@@ -118,15 +142,22 @@ def _raise_stop(signum: int, frame: object) -> None:
     raise Stop()
 
 
+def report_exit(child: Child) -> None:
+    """Say (once) that a server exited by itself."""
+    code = child.process.poll()
+    if code is not None and not child.reported_exit:
+        child.reported_exit = True
+        print(f"run_herd: {child.server.name} exited with status {code}", file=sys.stderr, flush=True)
+
+
 def watch(children: list[Child]) -> None:
     """Report servers that exit on their own; return when none is left."""
     while any(child.process.poll() is None for child in children):
         for child in children:
-            code = child.process.poll()
-            if code is not None and not child.reported_exit:
-                child.reported_exit = True
-                print(f"run_herd: {child.server.name} exited with status {code}", file=sys.stderr, flush=True)
+            report_exit(child)
         time.sleep(0.2)  # a watch loop: signals interrupt it at once
+    for child in children:
+        report_exit(child)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -139,9 +170,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"run_herd: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     names = args.names or list(config.servers)
+    busy = ports_in_use(config, names)
+    if busy:
+        for problem in busy:
+            print(f"run_herd: {problem}", file=sys.stderr)
+        return 1
     signal.signal(signal.SIGTERM, _raise_stop)
     signal.signal(signal.SIGINT, _raise_stop)
     children: list[Child] = []
+    status = 1
     try:
         children = start(config, names)
         problem = wait_until_listening(children, args.start_timeout)
@@ -152,14 +189,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"run_herd: {len(children)} servers up; Ctrl-C or SIGTERM stops them", flush=True)
         watch(children)
         print("run_herd: every server has exited", file=sys.stderr)
-        return 1
     except Stop:
         print("run_herd: stopping", flush=True)
-        return 0
+        status = 0
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        stop(children, args.stop_timeout)
+        if not stop(children, args.stop_timeout):
+            status = 1
+    return status
 
 
 if __name__ == "__main__":

@@ -99,6 +99,51 @@ def test_run_herd_end_to_end(tmp_path: Path, fake_places) -> None:
         proc.stderr.close()
 
 
+def test_run_herd_refuses_a_port_another_program_listens_on(tmp_path: Path) -> None:
+    config, ports = write_herd(tmp_path, "http://127.0.0.1:9")
+    squatter = socket.socket()
+    squatter.bind(("127.0.0.1", ports["Hamilton"]))
+    squatter.listen(1)
+    try:
+        result = run("run_herd.py", "--config", str(config))
+    finally:
+        squatter.close()
+    assert result.returncode == 1
+    assert f"Hamilton: 127.0.0.1:{ports['Hamilton']} is already in use by another program" in result.stderr
+    assert "servers up" not in result.stdout
+    assert not any(accepting(port) for port in ports.values())  # nothing was started
+
+
+def _children(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as listing:
+        return [int(child) for child in listing.read().split()]
+
+
+def test_run_herd_exits_1_when_a_server_died_on_its_own(tmp_path: Path) -> None:
+    config, ports = write_herd(tmp_path, "http://127.0.0.1:9")
+    proc = subprocess.Popen(
+        [sys.executable, "run_herd.py", "--config", str(config), "Alford", "Ball"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        with gevent.Timeout(30, AssertionError("run_herd.py did not report a running herd")):
+            while not proc.stdout.readline().startswith("run_herd: 2 servers up"):
+                pass
+        ball = next(pid for pid in _children(proc.pid) if "Ball" in Path(f"/proc/{pid}/cmdline").read_text())
+        os.kill(ball, signal.SIGKILL)  # a child of the run_herd this test started
+        wait_until(lambda: not accepting(ports["Ball"]), what="Ball to be gone")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 1
+        assert "run_herd: Ball exited with status -9" in proc.stderr.read()
+        assert not accepting(ports["Alford"])
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+        proc.stderr.close()
+
+
 def test_one_server_runs_and_stops_cleanly_on_sigint(tmp_path: Path, fake_places) -> None:
     config, ports = write_herd(tmp_path, fake_places.url)
     proc = subprocess.Popen([sys.executable, "-m", "herdserver", "Ball", "--config", str(config)], cwd=ROOT)
