@@ -9,7 +9,9 @@ Jobs are bounded in count and in time. Besides clients, a worker can own
 forwarder and time-stamp them) and sinks (accept, never read).
 
 All times are ``time.monotonic()`` (CLOCK_MONOTONIC: one clock for every
-process on the machine), latencies are reported in milliseconds.
+process on the machine), latencies are reported in milliseconds; the one
+exception is the probes' ``sent`` times, wall-clock ``time.time()`` like the
+time stamps of the servers' logs they are compared with.
 """
 
 from gevent import monkey
@@ -38,6 +40,7 @@ HOST = "127.0.0.1"
 LOCATION = b"+34.068930-118.445127"
 IO_TIMEOUT = 10.0  # seconds any single read or connect may take before it counts as an error
 SINK_RCVBUF = 4096
+LATE_SLACK = 0.001  # seconds a paced send may lag its schedule before it counts as late
 
 Job = Callable[..., dict[str, Any]]
 JOBS: dict[str, Job] = {}
@@ -124,8 +127,13 @@ class Errors:
 class Run:
     """Shared state of one closed-loop run: budget, deadline, samples, errors."""
 
-    def __init__(self, clients: int, max_requests: int, prefix: str, id_mod: int, keep_latest: bool):
+    def __init__(self, clients: int, max_requests: int, prefix: str, id_mod: int, keep_latest: bool,
+                 rate: float = 0.0):
         self.sequence = itertools.count()
+        self.rate = rate  # total requests/s across the clients; 0: as fast as replies come
+        self.interval = clients / rate if rate > 0 else 0.0  # each paced client's own period
+        self.started = 0.0  # set when the clock starts
+        self.late = 0  # paced sends that were already overdue (more than LATE_SLACK) when their turn came
         self.max_requests = max_requests
         self.deadline = math.inf  # set when the clock starts
         self.prefix = prefix
@@ -166,7 +174,27 @@ class Run:
                     self.latest[fields[3]] = key
 
 
-def persistent_client(run: Run, target: list[Any]) -> None:
+def paced(run: Run, k: int) -> Iterator[None]:
+    """Client ``k``'s fixed schedule: one turn every ``run.interval`` seconds, client k
+    starting ``k / rate`` after the clock (so the clients' sends are staggered evenly).
+    A turn that is already overdue comes at once and the schedule restarts from now:
+    no catch-up burst. Ends at the run's deadline (or never yields when not paced)."""
+    if not run.interval:
+        while True:
+            yield
+    next_at = run.started + k / run.rate
+    while next_at < run.deadline:
+        delay = next_at - time.monotonic()
+        if delay > 0:
+            gevent.sleep(delay)
+        elif delay < -LATE_SLACK:
+            run.late += 1
+            next_at = time.monotonic()
+        yield
+        next_at += run.interval
+
+
+def persistent_client(run: Run, target: list[Any], k: int = 0) -> None:
     try:
         sock = connect(target)
     except OSError as exc:
@@ -177,7 +205,9 @@ def persistent_client(run: Run, target: list[Any]) -> None:
     reader = Reader(sock)
     run.go.wait()
     try:
-        while (client := run.next_client()) is not None:
+        for _ in paced(run, k):
+            if (client := run.next_client()) is None:
+                break
             started = time.monotonic()
             sock.sendall(iamat(client))
             run.record(started, reader.until(b"\n"))
@@ -214,17 +244,27 @@ def closed_loop(
     id_mod: int = 0,
     per_request: bool = False,
     keep_latest: bool = False,
+    rate: float = 0.0,
 ) -> dict[str, Any]:
     """``clients`` closed-loop clients (client k talks to ``targets[k % len]``), each
     sending one IAMAT and waiting for its reply, until ``max_requests`` or ``duration``.
-    Client ids are ``prefix-SEQ`` (or ``prefix-(SEQ mod id_mod)``)."""
-    run = Run(clients, max_requests, prefix, id_mod, keep_latest)
-    body = per_request_client if per_request else persistent_client
+    Client ids are ``prefix-SEQ`` (or ``prefix-(SEQ mod id_mod)``).
+
+    With ``rate`` (total requests/s, persistent clients only) each client sends on its
+    own fixed schedule, one request every ``clients / rate`` s, start times staggered;
+    it still waits for each reply, and when that makes it late it sends the next at once."""
+    if rate and per_request:
+        raise ValueError("rate is for persistent clients only")
+    run = Run(clients, max_requests, prefix, id_mod, keep_latest, rate)
     group = Group()
     for k in range(clients):
-        group.spawn(body, run, targets[k % len(targets)])
+        if per_request:
+            group.spawn(per_request_client, run, targets[k % len(targets)])
+        else:
+            group.spawn(persistent_client, run, targets[k % len(targets)], k)
     run.ready.wait(IO_TIMEOUT)  # every persistent client connected before the clock starts
     started = time.monotonic()
+    run.started = started
     run.deadline = started + duration
     run.go.set()
     if not group.join(timeout=duration + IO_TIMEOUT + 5):
@@ -241,6 +281,8 @@ def closed_loop(
         "last_send": run.last_send,
         **summary(run.latencies),
     }
+    if rate:
+        result.update(rate_asked=rate, late=run.late)
     if keep_latest:
         result["latest"] = {client.decode(): key[1].decode() for client, key in run.latest.items()}
     return result
@@ -368,7 +410,9 @@ def await_convergence(expected: dict[str, str], names: list[str], timeout_s: flo
 def propagation(
     target: list[Any], observers: list[str], probes: int, duration: float, prefix: str, wait_traffic: bool = False
 ) -> dict[str, Any]:
-    """Sequential IAMATs at ``target``; for each, the time until every observer has the AT line."""
+    """Sequential IAMATs at ``target``; for each, the time until every observer has the AT line.
+    ``sent`` maps each probe's client id to the wall-clock time (``time.time()``) of its send,
+    to compare with the time stamps of the servers' logs."""
     watched = [OBSERVERS[name] for name in observers]
     if wait_traffic:  # start once the background load reaches the observers
         seen = watched[0].lines
@@ -377,6 +421,7 @@ def propagation(
             gevent.sleep(0.001)
     delays: dict[str, list[float]] = {o.name: [] for o in watched}
     replies: list[float] = []
+    sent: dict[str, float] = {}
     deadline = time.monotonic() + duration
     with connect(target) as sock:
         reader = Reader(sock)
@@ -385,13 +430,18 @@ def propagation(
                 break
             client = f"{prefix}-{i}"
             waits = {o.name: o.watches.setdefault(client.encode(), AsyncResult()) for o in watched}
+            line = iamat(client)
             started = time.monotonic()
-            sock.sendall(iamat(client))
+            sent[client] = time.time()
+            sock.sendall(line)
             reader.until(b"\n")
             replies.append(time.monotonic() - started)
             for name, waiter in waits.items():
                 delays[name].append(waiter.get(timeout=IO_TIMEOUT) - started)
-    return {"probes": len(replies), "reply": summary(replies), **{name: summary(d) for name, d in delays.items()}}
+    return {
+        "probes": len(replies), "reply": summary(replies), "sent": sent,
+        **{name: summary(d) for name, d in delays.items()},
+    }
 
 
 # -- idle connections ---------------------------------------------------------------------------

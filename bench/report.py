@@ -13,7 +13,8 @@ from typing import Any
 
 @dataclass
 class Target:
-    """A goal for one figure; ``source`` says where it comes from (brief, spec, README, assumed)."""
+    """A goal for one figure; ``source`` says where it comes from (issue, bench_offline, or
+    "issue; <threshold> assumed" when the issue states the goal but not the number)."""
 
     text: str
     met: bool

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ class Settings:
     per_request_max: int = 4_000  # bounds TIME_WAIT sockets on loopback
     probes: int = 200
     probe_seconds: float = 4.0
+    loaded_rate: float = 2_000.0  # IAMAT/s in all from propagation's paced background clients
     storm_updates: int = 10_000
     storm_clients: int = 1_000
     storm_connections: int = 100
@@ -73,6 +75,18 @@ def with_cpu(pids: list[int], measure: Any) -> dict[str, Any]:
     result["cpu_s"] = quiet_cpu(pids) - before
     result["cpu_us_per_req"] = result["cpu_s"] / result["count"] * 1e6 if result["count"] else 0.0
     return result
+
+
+def percentiles(samples: list[float]) -> dict[str, float]:
+    """p50/p99 in ms of samples in seconds, by nearest rank (as bench/load.py's summary)."""
+    if not samples:
+        return {"p50_ms": 0.0, "p99_ms": 0.0}
+    ordered = sorted(samples)
+
+    def rank(q: float) -> float:
+        return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))] * 1000
+
+    return {"p50_ms": rank(0.50), "p99_ms": rank(0.99)}
 
 
 def med(samples: list[dict[str, Any]], key: str) -> float:

@@ -15,8 +15,10 @@ from bench.scenarios.common import Context, check_errors, closed_loop, med
 
 CLIENTS = 50
 SERVERS = ("Slow", "Healthy")
-RSS_GROWTH_LIMIT_MB = 20.0  # assumed target for "bounded"
-LATENCY_RATIO_LIMIT = 1.5  # assumed target for "never slows the server"
+RSS_GROWTH_LIMIT_MB = 20.0  # issue: server memory stays bounded; the 20 MB figure is assumed
+LATENCY_RATIO_LIMIT = 1.5  # issue: client latency must not change; the 1.5x tolerance is assumed
+LATENCY_SOURCE = f"issue; {LATENCY_RATIO_LIMIT:g}x assumed"
+RSS_SOURCE = f"issue; {RSS_GROWTH_LIMIT_MB:g} MB assumed"
 PUSH_SECONDS = 30.0
 PUSH_CHUNK = 10_000
 
@@ -60,7 +62,7 @@ def latency_rows(samples: dict[str, list[dict[str, Any]]]) -> list[Row]:
     p50, base = med(slow, "p50_ms"), med(healthy, "p50_ms")
     return [
         Row(f"IAMAT p50, {CLIENTS} clients, neighbor never reads", p50, "ms", base, "reading neighbor",
-            Target(f"<= {LATENCY_RATIO_LIMIT:g}x", p50 <= LATENCY_RATIO_LIMIT * base, "assumed")),
+            Target(f"<= {LATENCY_RATIO_LIMIT:g}x", p50 <= LATENCY_RATIO_LIMIT * base, LATENCY_SOURCE)),
         Row(f"IAMAT p99, {CLIENTS} clients, neighbor never reads", med(slow, "p99_ms"), "ms",
             med(healthy, "p99_ms"), "reading neighbor"),
         Row("IAMAT throughput, neighbor never reads", med(slow, "throughput"), "req/s",
@@ -75,7 +77,7 @@ def memory_rows(before: dict[str, int], after: dict[str, int], pushed: dict[str,
         Row(f"RSS after {pushed['Slow']} updates, Slow server", after["Slow"] / 1024, "MB",
             after["Healthy"] / 1024, "Healthy server"),
         Row("RSS growth, Slow server", growth["Slow"], "MB", growth["Healthy"], "Healthy server",
-            Target(f"<= {RSS_GROWTH_LIMIT_MB:g} MB (bounded)", growth["Slow"] <= RSS_GROWTH_LIMIT_MB, "assumed")),
+            Target(f"<= {RSS_GROWTH_LIMIT_MB:g} MB (bounded)", growth["Slow"] <= RSS_GROWTH_LIMIT_MB, RSS_SOURCE)),
     ]
 
 

@@ -13,7 +13,7 @@ from bench.scenarios.common import JOB_SLACK, Context, med, target
 
 RADIUS_KM = "10"
 BOUND = 5
-TARGET_RATIO = 1.5
+TARGET_RATIO = 1.5  # issue: 100 concurrent WHATSATs, 200 ms upstream, <= 1.5x the ideal
 
 
 def burst(worker: LoadWorker, port: int, server_pid: int, ctx: Context, prefix: str) -> dict[str, Any]:
@@ -33,7 +33,7 @@ def burst_rows(runs: list[dict[str, Any]], ctx: Context) -> list[Row]:
     total = median([run["total_s"] * 1000 for run in runs])
     return [
         Row(f"{clients} concurrent WHATSAT: all answered", total, "ms", ideal, "Places latency",
-            Target(f"<= {TARGET_RATIO:g}x", total <= TARGET_RATIO * ideal, "brief")),
+            Target(f"<= {TARGET_RATIO:g}x", total <= TARGET_RATIO * ideal, "issue")),
         Row(f"{clients} concurrent WHATSAT: p50 answer", med(runs, "p50_ms"), "ms", ideal, "Places latency"),
         Row(f"{clients} concurrent WHATSAT: p99 answer", med(runs, "p99_ms"), "ms", ideal, "Places latency"),
         Row("first run (cold Places connection pool)", runs[0]["total_s"] * 1000, "ms", ideal, "Places latency"),
