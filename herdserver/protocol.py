@@ -124,12 +124,12 @@ def parse_location(token: bytes) -> Location | None:
     m = _LOCATION.fullmatch(token)
     if m is None:
         return None
-    lat_sign, lat_int, lat_frac, lon_sign, lon_int, lon_frac = m.groups()
+    _, lat_int, lat_frac, _, lon_int, lon_frac = m.groups()
     if not (_within(lat_int, lat_frac, 90) and _within(lon_int, lon_frac, 180)):
         return None
-    lat = float(lat_sign + lat_int + b"." + (lat_frac or b"0"))
-    lon = float(lon_sign + lon_int + b"." + (lon_frac or b"0"))
-    return Location(token, lat, lon)
+    # The regex has checked both halves: each is plain decimal syntax float() reads exactly.
+    split = m.start(4)
+    return Location(token, float(token[:split]), float(token[split:]))
 
 
 def parse_radius(token: bytes) -> Decimal | None:

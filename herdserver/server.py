@@ -327,7 +327,7 @@ class HerdServer:
         if not fields:
             return None  # blank: no reply
         self.log.traffic("in", conn.id, "line", item)
-        echo = protocol.at_identity(fields)
+        echo = protocol.at_identity(fields) if fields[0] == b"AT" else None
         if echo is not None and self.store.holds(*echo):
             # Flooding brings most AT lines to a server twice; the second copy is
             # byte-identical to what it holds, so it is dropped without a parse.
