@@ -85,15 +85,21 @@ def fields(**values: Any) -> str:
     return " ".join(f"{key}={escape(value)}" for key, value in values.items())
 
 
+# (time_ns, event, who_key, who, key, values): one traffic record, a line per value;
+# event None: a preformatted line (everything but the time stamp) in ``values``.
+_Record = tuple[int, str | None, str | None, object, str | None, Any]
+
+
 class EventLog:
-    """``log.info("in", conn=3, line=b"...")`` -> one logfmt line, written in batches.
+    """``log.info("open", conn=3, peer=...)`` -> one logfmt line, written in batches.
 
     Deliberately not the ``logging`` module on the hot path: a record there costs
     several function calls, a lock and a LogRecord per line, which profiling
-    showed as 40% of an IAMAT's CPU. The per-line calls (``traffic``,
-    ``lines_out``) only take the time and keep the bytes; ``flush`` formats
-    everything in one warm loop, off the client's path. Other events are
-    formatted at once (they are rare) and keep their place in the order.
+    showed as 40% of an IAMAT's CPU. ``traffic`` (every line in and out) only
+    takes the time and keeps the bytes, one record for what one recv brought or
+    one send took; ``flush`` formats everything in one warm loop, off the
+    client's path. Other events are formatted at once (they are rare) and keep
+    their place in the order.
     """
 
     def __init__(self, server: str, path: str, level: str = "INFO", max_buffer: int = 1 << 16):
@@ -102,9 +108,7 @@ class EventLog:
         self.server = escape(server)
         self.level: int = logging.getLevelNamesMapping()[level.upper()]
         self.stream: TextIO | None = open(path, "a", encoding="utf-8", errors="backslashreplace")
-        # (time_ns, event, conn or neighbor, key, data): traffic when key is a str,
-        # lines sent to a neighbor when key is None, preformatted when event is None.
-        self.pending: list[tuple[int, str | None, object, str | None, Any]] = []
+        self.pending: list[_Record] = []
         self.buffered = 0  # about how many bytes ``pending`` will format to
         self.max_buffer = max_buffer
         self._second = -1
@@ -122,44 +126,36 @@ class EventLog:
             return
         text = " ".join([f"{key}={escape(value)}" for key, value in values.items()])
         line = f" {name} {self.server} event={event}{' ' if text else ''}{text}{extra}\n"
-        self._keep((time.time_ns(), None, None, None, line), len(line))
+        self._keep((time.time_ns(), None, None, None, None, line), len(line))
         if level >= logging.WARNING:
             self.flush()
 
-    def _keep(self, record: tuple[int, str | None, object, str | None, Any], size: int) -> None:
+    def _keep(self, record: _Record, size: int) -> None:
         self.pending.append(record)
-        self.buffered += size + 40
+        self.buffered += size
         if self.buffered >= self.max_buffer:
             self.flush()
 
-    def traffic(self, event: str, conn: int, key: str, data: bytes) -> None:
-        """``event=in|out conn=N line|data=...``: the per-line hot path, no kwargs dict."""
-        if self.level <= logging.INFO:
-            self._keep((time.time_ns(), event, conn, key, data), len(data))
+    def traffic(self, event: str, who_key: str, who: object, key: str, values: list[bytes]) -> None:
+        """``event=E <who_key>=<who> <key>=<value>``, a line per value, one time stamp:
+        the lines one recv brought (``in``) or one send took (``out``)."""
+        if self.level <= logging.INFO and values:
+            self._keep((time.time_ns(), event, who_key, who, key, values), 100 * len(values))
 
-    def lines_out(self, neighbor: str, lines: list[bytes]) -> None:
-        """``event=out neighbor=N line=...`` per AT line of one write to a neighbor
-        (one timestamp for them all: they left in one send)."""
-        if self.level <= logging.INFO and lines:
-            self._keep((time.time_ns(), "out", neighbor, None, lines), 80 * len(lines))
-
-    def _format(self, records: list[tuple[int, str | None, object, str | None, Any]]) -> str:
+    def _format(self, records: list[_Record]) -> str:
         server, out = self.server, []
         # A relayed AT line is logged three times (in, out, and its echo back in):
         # escape each distinct value once per batch.
         escaped: dict[bytes, str] = {}
-        for ns, event, who, key, data in records:
+        for ns, event, who_key, who, key, values in records:
             stamp = self._timestamp(ns)
             if event is None:
-                out.append(stamp + data)
-            elif key is not None:
-                value = escaped.get(data) or escaped.setdefault(data, escape(data))
-                out.append(f"{stamp} INFO {server} event={event} conn={who} {key}={value}\n")
-            else:
-                head = f"{stamp} INFO {server} event=out neighbor={escape(who)} line="
-                for line in data:
-                    value = escaped.get(line) or escaped.setdefault(line, escape(line))
-                    out.append(head + value + "\n")
+                out.append(stamp + values)
+                continue
+            head = f"{stamp} INFO {server} event={event} {who_key}={escape(who)} {key}="
+            for value in values:
+                text = escaped.get(value) or escaped.setdefault(value, escape(value))
+                out.append(head + text + "\n")
         return "".join(out)
 
     def debug(self, event: str, **values: Any) -> None:

@@ -125,7 +125,7 @@ class Forwarder:
         with gevent.Timeout(self.settings.write_timeout, LinkDown("neighbor stopped reading")):
             write_all(sock, b"\n".join(lines) + b"\n")
         self.lines_sent += len(lines)
-        self.log.lines_out(self.neighbor.name, lines)
+        self.log.traffic("out", "neighbor", self.neighbor.name, "line", lines)
 
     def _drain(self, sock: socket.socket) -> None:
         """Read what the neighbor says (nothing, unless it rejects a line) until EOF."""

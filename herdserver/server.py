@@ -301,6 +301,7 @@ class HerdServer:
         client pipelining thousands of WHATSATs and reading nothing is held back
         by its own TCP window, not by the server's memory.
         """
+        self._log_in(items, conn)
         pending: list[bytes | Greenlet] = []
         in_flight = buffered = 0
         for item in items:
@@ -313,20 +314,36 @@ class HerdServer:
             else:
                 in_flight += 1
             if in_flight >= MAX_PIPELINED_WHATSAT or buffered >= REPLY_BUFFER_BYTES:
-                _write_replies(sock, pending)
+                self._write_replies(sock, pending, conn)
                 pending, in_flight, buffered = [], 0, 0
         if pending:
-            _write_replies(sock, pending)
+            self._write_replies(sock, pending, conn)
+
+    def _log_in(self, items: list[bytes | Overlong], conn: Connection) -> None:
+        """Every non-blank line of one read, in order (an over-long one by its first bytes)."""
+        lines: list[bytes] = []
+        for item in items:
+            if isinstance(item, Overlong):
+                self.log.traffic("in", "conn", conn.id, "line", lines)
+                self.log.traffic("in", "conn", conn.id, "overlong", [item.prefix])
+                lines = []
+            elif item and not item.isspace():  # bytes.isspace: the spec's six white-space bytes
+                lines.append(item)
+        self.log.traffic("in", "conn", conn.id, "line", lines)
+
+    def _write_replies(self, sock: socket.socket, pending: list[bytes | Greenlet], conn: Connection) -> None:
+        """Write replies in command order, waiting for Places calls as they come."""
+        replies = [reply if isinstance(reply, bytes) else reply.get() for reply in pending]
+        write_all(sock, b"".join(replies))
+        self.log.traffic("out", "conn", conn.id, "data", replies)
 
     def _dispatch(self, item: bytes | Overlong, conn: Connection) -> bytes | Greenlet | None:
         if isinstance(item, Overlong):
             self.stats.invalid += 1
-            self.log.info("in", conn=conn.id, overlong=item.prefix)
-            return self._reply(conn, protocol.overlong_reply(item))
+            return protocol.overlong_reply(item)
         fields = item.split()
         if not fields:
             return None  # blank: no reply
-        self.log.traffic("in", conn.id, "line", item)
         echo = protocol.at_identity(fields) if fields[0] == b"AT" else None
         if echo is not None and self.store.holds(*echo):
             # Flooding brings most AT lines to a server twice; the second copy is
@@ -336,7 +353,7 @@ class HerdServer:
             return None
         msg = protocol.parse_fields(fields, item)
         if isinstance(msg, IAmAt):
-            return self._reply(conn, self._iamat(msg))
+            return self._iamat(msg)
         if isinstance(msg, At):
             self._at(msg, conn)
             return None
@@ -344,15 +361,11 @@ class HerdServer:
             record = self.store.get(msg.client)
             if record is not None:
                 self.stats.whatsat += 1
-                return self._calls.spawn(self._whatsat, msg, record, conn)
+                return self._calls.spawn(self._whatsat, msg, record)
             msg = Invalid(item.strip(), "unknown client")
         self.stats.invalid += 1
         self.log.info("invalid", conn=conn.id, reason=msg.reason)
-        return self._reply(conn, protocol.format_invalid(msg.line))
-
-    def _reply(self, conn: Connection, data: bytes) -> bytes:
-        self.log.traffic("out", conn.id, "data", data)
-        return data
+        return protocol.format_invalid(msg.line)
 
     # -- the three commands ------------------------------------------------------------
 
@@ -378,9 +391,9 @@ class HerdServer:
             if forwarder.name_bytes != record.server:
                 forwarder.offer(record.client, record.line)
 
-    def _whatsat(self, msg: WhatsAt, record: At, conn: Connection) -> bytes:
+    def _whatsat(self, msg: WhatsAt, record: At) -> bytes:
         payload = self.places_call(record, msg.radius_m, msg.bound)
-        return self._reply(conn, protocol.format_whatsat_reply(record.line, payload))
+        return protocol.format_whatsat_reply(record.line, payload)
 
     def places_call(self, record: At, radius_m: float, bound: int) -> dict[str, Any]:
         """Ask the provider; whatever happens, a payload in the legacy shape comes back."""
@@ -433,14 +446,6 @@ class _ClientServer(StreamServer):  # type: ignore[misc]  # gevent has no type s
         if self.paused and self.started:
             self.paused = False
             self.start_accepting()
-
-
-def _write_replies(sock: socket.socket, pending: list[bytes | Greenlet]) -> None:
-    """Write replies in command order, waiting for Places calls as they come."""
-    out = []
-    for reply in pending:
-        out.append(reply if isinstance(reply, bytes) else reply.get())
-    write_all(sock, b"".join(out))
 
 
 def _format_address(address: Any) -> str:

@@ -135,11 +135,11 @@ def test_forged_client_id_in_the_file(tmp_path: Path) -> None:
     assert lines[1].endswith(r'event=in conn=1 line="bad \xff\xfe bytes \x1b[2J\u2028"')
 
 
-def test_lines_out_one_event_per_line_sent(tmp_path: Path) -> None:
+def test_traffic_one_event_per_line_one_time_stamp(tmp_path: Path) -> None:
     path = tmp_path / "Alford.log"
     log = logs.setup("Alford", str(path))
-    log.lines_out("Hamilton", [b"AT Alford +0.1 a +1+1 1", b"AT Ball -0.2 b +2+2 2"])
-    log.lines_out("Hamilton", [])
+    log.traffic("out", "neighbor", "Hamilton", "line", [b"AT Alford +0.1 a +1+1 1", b"AT Ball -0.2 b +2+2 2"])
+    log.traffic("in", "conn", 3, "line", [])
     log.close()
     lines = read_lines(path)
     assert len(lines) == 2
