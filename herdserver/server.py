@@ -183,7 +183,10 @@ class HerdServer:
         """A new client (in the hub, from the accept loop): wait for its first bytes."""
         conn = Connection(next(self._conn_ids), _format_address(address), sock, last_bytes=time.monotonic())
         self.connections[conn.id] = conn
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass  # already reset by the client: the watcher sees it at once, the handler closes it
         self.log.info("open", conn=conn.id, peer=conn.peer)
         self._watch(conn)
 

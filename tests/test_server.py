@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import re
+import socket
+import struct
 from collections.abc import Callable
 
 import gevent
@@ -393,6 +395,18 @@ def test_idle_timeout_drops_silent_and_quiet_clients(make_herd: Callable[..., He
     herd.servers["Alford"].log.flush()
     text = open(herd.config.log_path("Alford"), encoding="utf-8").read()
     assert text.count("event=idle_timeout") == 2
+
+
+def test_clients_that_reset_at_once_leave_nothing_behind(make_herd: Callable[..., Herd]) -> None:
+    herd = make_herd({"Alford": []})
+    server = herd.servers["Alford"]
+    for _ in range(50):
+        client = herd.client("Alford")
+        client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        client.close()  # RST instead of FIN
+    wait_until(lambda: not server.connections, what="every reset connection closed")
+    assert herd.client("Alford").ask(iamat()).startswith(b"AT Alford ")
+    assert server.stats.crashes == []
 
 
 def test_many_clients_at_once(make_herd: Callable[..., Herd]) -> None:
