@@ -97,26 +97,26 @@ class Invalid:
 Message = IAmAt | WhatsAt | At | Invalid
 
 
-def _fraction_ns(frac: bytes | None) -> int:
-    """Nanoseconds in a decimal fraction; digits past the ninth are truncated."""
-    if not frac:
-        return 0
-    return int(frac[:9].ljust(9, b"0"))
-
-
 def parse_time(token: bytes) -> int | None:
-    """POSIX seconds with an optional fraction -> integer nanoseconds."""
+    """POSIX seconds with an optional fraction -> integer nanoseconds (digits past
+    the ninth decimal are truncated). One int() of seconds and nine fraction digits."""
     m = _TIME.fullmatch(token)
     if m is None:
         return None
-    return int(m.group(1)) * NS_PER_S + _fraction_ns(m.group(2))
+    seconds, frac = m.groups()
+    return int(seconds + (frac or b"")[:9].ljust(9, b"0"))
 
 
-def _within(int_part: bytes, frac: bytes | None, limit: int) -> bool:
-    """|value| <= limit, decided exactly on the digits."""
-    whole = int(int_part)
-    if whole != limit:
-        return whole < limit
+def _within(int_part: bytes, frac: bytes | None, limit: bytes) -> bool:
+    """|value| <= limit, decided exactly on the digits (no int(): for ASCII digits
+    of the same length, byte order is numeric order)."""
+    if len(int_part) == len(limit):
+        if int_part != limit:
+            return int_part < limit
+    elif len(int_part) < len(limit):
+        return True
+    elif int(int_part) != int(limit):  # zero-padded past the limit's length
+        return int(int_part) < int(limit)
     return not frac or frac.strip(b"0") == b""
 
 
@@ -125,7 +125,7 @@ def parse_location(token: bytes) -> Location | None:
     if m is None:
         return None
     _, lat_int, lat_frac, _, lon_int, lon_frac = m.groups()
-    if not (_within(lat_int, lat_frac, 90) and _within(lon_int, lon_frac, 180)):
+    if not (_within(lat_int, lat_frac, b"90") and _within(lon_int, lon_frac, b"180")):
         return None
     # The regex has checked both halves: each is plain decimal syntax float() reads exactly.
     split = m.start(4)

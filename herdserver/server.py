@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import errno
 import itertools
+import logging
 import socket
 import time
 from collections.abc import Callable
@@ -352,7 +353,8 @@ class HerdServer:
             # Flooding brings most AT lines to a server twice; the second copy is
             # byte-identical to what it holds, so it is dropped without a parse.
             self.stats.at_received += 1
-            self.log.debug("at_dropped", conn=conn.id, client=echo[0])
+            if self.log.level <= logging.DEBUG:  # no kwargs dict on the hot path at INFO
+                self.log.debug("at_dropped", conn=conn.id, client=echo[0])
             return None
         msg = protocol.parse_fields(fields, item)
         if isinstance(msg, IAmAt):

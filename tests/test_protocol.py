@@ -299,6 +299,18 @@ def test_whatsat_needs_exactly_four_fields(line: bytes) -> None:
     invalid(line)
 
 
+@pytest.mark.parametrize("limit", [b"90", b"180"])
+def test_range_check_on_digits_agrees_with_integers(limit: bytes) -> None:
+    # Every integer part of 1-3 digits (zero-padded too) against exact arithmetic.
+    for digits in range(1, 4):
+        for value in range(10**digits):
+            int_part = str(value).zfill(digits).encode()
+            for frac in (None, b"0", b"000", b"1", b"0001"):
+                zero = not frac or not frac.strip(b"0")
+                expected = value < int(limit) or (value == int(limit) and zero)
+                assert protocol._within(int_part, frac, limit) is expected, (int_part, frac)
+
+
 # ---------------------------------------------------------------- AT
 
 AT_LINE = b"AT Alford +0.263873386 " + KIWI + b" " + LOC + b" " + T
