@@ -153,9 +153,8 @@ class EventLog:
                 out.append(stamp + values)
                 continue
             head = f"{stamp} INFO {server} event={event} {who_key}={escape(who)} {key}="
-            for value in values:
-                text = escaped.get(value) or escaped.setdefault(value, escape(value))
-                out.append(head + text + "\n")
+            texts = [escaped.get(value) or escaped.setdefault(value, escape(value)) for value in values]
+            out.append(head + ("\n" + head).join(texts) + "\n")
         return "".join(out)
 
     def debug(self, event: str, **values: Any) -> None:
