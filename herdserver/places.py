@@ -94,6 +94,7 @@ class _HttpProvider:
         self.session = make_session(settings)
         connect = settings.connect_timeout or settings.timeout
         self.timeouts = (connect, settings.timeout)
+        self.adapter = self.session.get_adapter(self.origin)
 
     def close(self) -> None:
         self.session.close()
@@ -108,15 +109,25 @@ class _HttpProvider:
         """
         return self.session.prepare_request(requests.Request(method, self.origin + path, headers=headers))
 
-    def _send(self, template: requests.PreparedRequest, *, body: bytes | None = None,
-              query: str | None = None) -> requests.Response:
+    def _exchange(self, template: requests.PreparedRequest, *, body: bytes | None = None,
+                  query: str | None = None) -> tuple[int, Any]:
+        """Send a copy of ``template``: (HTTP status, decoded JSON, or None for an error page).
+
+        Through the session's own adapter (its pool, timeouts, TLS verification)
+        but not ``Session.send``: its cookie, hook and redirect handling are a
+        fifth of a call's CPU and Places needs none of them. No redirects also
+        means the key is never carried to another host.
+        """
         prepared = template.copy()
         if body is not None:
             prepared.prepare_body(body, None)
         if query is not None:
             prepared.url = f"{template.url}?{query}"
-        # No redirects: Places does not send them, and following one could carry the key elsewhere.
-        return self.session.send(prepared, timeout=self.timeouts, allow_redirects=False)
+        response = self.adapter.send(prepared, timeout=self.timeouts)
+        try:
+            return response.status_code, self._json(response)
+        finally:
+            response.close()  # the body is read: this hands the connection back to the pool
 
     def nearby(self, lat: float, lon: float, radius_m: float, bound: int) -> dict[str, Any]:
         if not self.api_key:
@@ -175,10 +186,9 @@ class GoogleNewProvider(_HttpProvider):
 
     def _search(self, lat: float, lon: float, radius_m: float, bound: int) -> dict[str, Any]:
         body = json.dumps(self.request_body(lat, lon, radius_m, bound)).encode("utf-8")
-        response = self._send(self.template, body=body)
-        body = self._json(response)
-        if response.status_code != 200:
-            raise _new_api_error(response.status_code, body)
+        code, body = self._exchange(self.template, body=body)
+        if code != 200:
+            raise _new_api_error(code, body)
         if not isinstance(body, dict):
             raise UpstreamError("UNKNOWN_ERROR", "Places answered with JSON that is not an object")
         places = body.get("places") or []
@@ -281,12 +291,11 @@ class GoogleLegacyProvider(_HttpProvider):
 
     def _search(self, lat: float, lon: float, radius_m: float, bound: int) -> dict[str, Any]:
         query = urlencode({"location": f"{lat!r},{lon!r}", "radius": f"{radius_m:g}", "key": self.api_key or ""})
-        response = self._send(self.template, query=query)
-        body = self._json(response)
-        if response.status_code != 200:
+        code, body = self._exchange(self.template, query=query)
+        if code != 200:
             message = body.get("error_message") if isinstance(body, dict) else None
-            message = str(message) if message else f"Places answered HTTP {response.status_code}"
-            raise UpstreamError(_status_for_http(response.status_code), message)
+            message = str(message) if message else f"Places answered HTTP {code}"
+            raise UpstreamError(_status_for_http(code), message)
         if not isinstance(body, dict) or not isinstance(body.get("results", []), list):
             raise UpstreamError("UNKNOWN_ERROR", "Places answered with JSON of an unexpected shape")
         status = body.get("status")
