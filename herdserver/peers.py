@@ -19,7 +19,7 @@ from gevent.event import Event
 
 from .config import PeerSettings, ServerConfig
 from .logs import EventLog
-from .sockets import write_all
+from .sockets import send_nowait
 
 SYNC_CHUNK_LINES = 4096  # a full sync of a large table goes out in bounded writes
 
@@ -122,8 +122,11 @@ class Forwarder:
     def _send(self, sock: socket.socket, lines: list[bytes]) -> None:
         if not lines:
             return
-        with gevent.Timeout(self.settings.write_timeout, LinkDown("neighbor stopped reading")):
-            write_all(sock, b"\n".join(lines) + b"\n")
+        data = b"\n".join(lines) + b"\n"
+        sent = send_nowait(sock, data)  # nearly always all of it, and no timer to arm
+        if sent < len(data):  # a full send buffer: wait for the neighbor, but not for ever
+            with gevent.Timeout(self.settings.write_timeout, LinkDown("neighbor stopped reading")):
+                sock.sendall(memoryview(data)[sent:])
         self.lines_sent += len(lines)
         self.log.traffic("out", "neighbor", self.neighbor.name, "line", lines)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+from typing import Any
 
 import gevent
 
@@ -18,6 +19,17 @@ def write_all(sock: socket.socket, data: bytes) -> None:
     sent = sock.send(data)
     if sent < len(data):
         sock.sendall(memoryview(data)[sent:])
+
+
+def send_nowait(sock: socket.socket, data: bytes) -> int:
+    """How much of ``data`` the kernel takes right now (0 when the send buffer is
+    full); never waits, so the caller arms a timeout only for the rest."""
+    gevent_sock: Any = sock  # gevent's send() takes a per-call timeout; 0.0 = never wait
+    try:
+        sent: int = gevent_sock.send(data, 0, 0.0)
+    except BlockingIOError:
+        return 0
+    return sent
 
 
 def recv_chunk(sock: socket.socket, idle: float | None) -> bytes | None:
