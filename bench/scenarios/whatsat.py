@@ -50,7 +50,8 @@ def bursts(ctx: Context, section: Section) -> None:
         herd = lab.herd("solo", {"Alford": []})
         lab.start_servers(herd, ["Alford"])
         worker = lab.worker("load")
-        runs = [burst(worker, herd.ports["Alford"], herd.pid("Alford"), ctx, f"w{r}") for r in range(ctx.settings.runs)]
+        port, pid = herd.ports["Alford"], herd.pid("Alford")
+        runs = [burst(worker, port, pid, ctx, f"w{r}") for r in range(ctx.settings.whatsat_runs)]
     finally:
         lab.close()
     section.add(*burst_rows(runs, ctx))
