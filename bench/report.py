@@ -135,9 +135,25 @@ def load_average() -> str:
         return "unknown"
 
 
+def speed_probe(lines: int = 20_000) -> float:
+    """Microseconds per ``protocol.parse`` of an IAMAT line, best of 3: how fast this
+    (shared, virtual) machine runs Python right now, to compare runs by."""
+    from herdserver import protocol  # the bench runs from the repository root
+
+    line = b"IAMAT kiwi.cs.ucla.edu +34.068930-118.445127 1795543228.716537891"
+    best = float("inf")
+    for _ in range(3):
+        started = time.perf_counter()
+        for _ in range(lines):
+            protocol.parse(line)
+        best = min(best, (time.perf_counter() - started) / lines * 1e6)
+    return best
+
+
 def machine() -> dict[str, Any]:
     cores = len(os.sched_getaffinity(0))
     return {
+        "speed_probe_us": speed_probe(),
         "nproc": cores,
         "cpu": cpu_model(),
         "python": platform.python_version(),
@@ -155,4 +171,6 @@ def print_header(info: dict[str, Any], mode: str) -> None:
         f"{info['shared_cores']}: every figure includes that contention."
     )
     print(f"load average before the suite started: {info['loadavg_at_start']} (anything else running skews figures)")
+    print(f"speed probe: {info['speed_probe_us']:.2f} us per IAMAT parse, best of 3 (lower = a faster moment of "
+          "this shared VM; compare runs by it)")
     print("ratio = value / baseline; baselines are measured in the same run. Medians over runs unless noted.")
