@@ -93,12 +93,15 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         harness.PROCESSES.stop_all()
         document["total_seconds"] = time.monotonic() - started
+        document["speed_probe_us_at_end"] = report.speed_probe()
         write_json(args.json, document)
         if args.keep:
             print(f"kept {work_dir}")
         else:
             shutil.rmtree(work_dir, ignore_errors=True)
-    print(f"\ntotal {document['total_seconds']:.0f} s; results in {args.json}")
+    print(f"\nspeed probe at the end: {document['speed_probe_us_at_end']:.2f} us (at the start: "
+          f"{machine['speed_probe_us']:.2f} us)")
+    print(f"total {document['total_seconds']:.0f} s; results in {args.json}")
     return status
 
 
