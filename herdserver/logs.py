@@ -102,7 +102,7 @@ class EventLog:
     their place in the order.
     """
 
-    def __init__(self, server: str, path: str, level: str = "INFO", max_buffer: int = 1 << 16):
+    def __init__(self, server: str, path: str, level: str = "INFO", max_buffer: int = 1 << 15):
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         self.path = path
         self.server = escape(server)

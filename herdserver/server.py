@@ -35,7 +35,7 @@ from .protocol import At, IAmAt, Invalid, LineSplitter, Overlong, WhatsAt
 from .sockets import recv_chunk, write_all
 from .store import Store
 
-LOG_FLUSH_SECONDS = 0.2
+LOG_FLUSH_SECONDS = 0.05  # short: each flush formats what came in since, holding the loop that long
 MAX_PIPELINED_WHATSAT = 20  # Places calls in flight for one connection at once
 REPLY_BUFFER_BYTES = 65536  # replies held for one connection before writing
 # Errors that mean "the client went away": logged as a plain close, no traceback.
