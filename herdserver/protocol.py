@@ -265,7 +265,9 @@ def format_places_json(payload: dict[str, Any]) -> bytes:
     # backslashreplace: a lone surrogate (legal in decoded JSON) becomes its own
     # JSON escape \udXXX instead of raising UnicodeEncodeError.
     text = dumps_indented(payload).encode("utf-8", "backslashreplace")
-    return _NEWLINE_RUNS.sub(b"\n", text).rstrip(b"\n")
+    if b"\n\n" in text:  # never from an encoder that escapes newlines in strings; cheap to ask
+        text = _NEWLINE_RUNS.sub(b"\n", text)
+    return text.rstrip(b"\n")
 
 
 class _Unusual(Exception):
@@ -294,38 +296,47 @@ def dumps_indented(value: Any) -> str:
 
 def _emit(value: Any, newline: str, out: list[str]) -> None:
     kind = type(value)
-    if kind is str:
-        out.append(_encode_string(value))
-    elif kind is dict and value:
+    if kind is dict and value:
         inner = newline + JSON_INDENT
         separator = "{" + inner
         for key, item in value.items():
             if type(key) is not str:
                 raise _Unusual
-            out.append(separator)
-            out.append(_encode_string(key))
-            out.append(": ")
-            _emit(item, inner, out)
+            head = separator + _encode_string(key) + ": "
+            if type(item) is str:  # most values: no call, one append
+                out.append(head + _encode_string(item))
+            else:
+                out.append(head)
+                _emit(item, inner, out)
             separator = "," + inner
         out.append(newline + "}")
     elif kind is list and value:
         inner = newline + JSON_INDENT
         separator = "[" + inner
         for item in value:
-            out.append(separator)
-            _emit(item, inner, out)
+            if type(item) is str:
+                out.append(separator + _encode_string(item))
+            else:
+                out.append(separator)
+                _emit(item, inner, out)
             separator = "," + inner
         out.append(newline + "]")
-    elif kind is int:
-        out.append(int.__repr__(value))
-    elif kind is float and math.isfinite(value):
-        out.append(float.__repr__(value))
-    elif kind is bool or value is None:
-        out.append(_LITERALS[value])
-    elif (kind is dict or kind is list) and not value:
-        out.append("{}" if kind is dict else "[]")
     else:
-        raise _Unusual  # NaN, Infinity, tuples, subclasses: the standard library's business
+        out.append(_scalar(value, kind))
+
+
+def _scalar(value: Any, kind: type) -> str:
+    if kind is str:
+        return _encode_string(value)
+    if kind is int:
+        return int.__repr__(value)
+    if kind is float and math.isfinite(value):
+        return float.__repr__(value)
+    if kind is bool or value is None:
+        return _LITERALS[value]
+    if kind is dict or kind is list:  # empty: a non-empty one is _emit's
+        return "{}" if kind is dict else "[]"
+    raise _Unusual  # NaN, Infinity, tuples, subclasses: the standard library's business
 
 
 def format_whatsat_reply(at_line: bytes, payload: dict[str, Any]) -> bytes:
