@@ -32,6 +32,7 @@ class Settings:
     idle_batch: int = 500
     whatsat_clients: int = 100
     whatsat_runs: int = 5  # bursts are short (~0.3 s) and this 2-core VM is noisy: more runs, a steadier median
+    iamat_runs: int = 5  # the CPU ratios compare separate measurements: more runs, steadier medians
     slow_updates: int = 60_000  # ~40,000 AT lines fit in loopback buffers before a forwarder blocks
     slow_clients: int = 1_000
     offline_queries: int | None = None  # None: bench_offline's own defaults
@@ -42,7 +43,7 @@ FULL = Settings()
 QUICK = Settings(
     runs=1, duration=0.5, per_request_max=1_000, probes=50, probe_seconds=1.0, storm_updates=2_000,
     storm_clients=200, storm_seconds=15.0, idle_connections=2_000, slow_updates=50_000,
-    offline_queries=200, offline_linear_queries=5, whatsat_runs=2,
+    offline_queries=200, offline_linear_queries=5, whatsat_runs=2, iamat_runs=1,
 )
 
 

@@ -100,7 +100,7 @@ def run(ctx: Context) -> Section:
         systems = start_systems(lab)
         worker = lab.worker("load")
         samples: dict[Mode, dict[str, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
-        for r in range(ctx.settings.runs):
+        for r in range(ctx.settings.iamat_runs):
             for mode in modes(ctx):
                 order = systems[r % 3:] + systems[:r % 3]  # rotate who goes first
                 for system in order:
