@@ -185,8 +185,8 @@ class GoogleNewProvider(_HttpProvider):
         }
 
     def _search(self, lat: float, lon: float, radius_m: float, bound: int) -> dict[str, Any]:
-        body = json.dumps(self.request_body(lat, lon, radius_m, bound)).encode("utf-8")
-        code, body = self._exchange(self.template, body=body)
+        request = json.dumps(self.request_body(lat, lon, radius_m, bound)).encode("utf-8")
+        code, body = self._exchange(self.template, body=request)
         if code != 200:
             raise _new_api_error(code, body)
         if not isinstance(body, dict):
