@@ -58,10 +58,14 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_CONFIG
     raise_fd_limit()
     from .server import HerdServer
+    from .state import StateLocked
 
     try:
         server = HerdServer(config, args.name)
         server.start()
+    except StateLocked as exc:
+        print(f"herdserver: {args.name}: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
     except OSError as exc:
         print(f"herdserver: {args.name}: cannot start: {exc}", file=sys.stderr)
         return 1

@@ -39,6 +39,7 @@ class Limits:
     idle_timeout: float = 0.0  # seconds; 0 keeps idle clients forever
     shutdown_grace: float = 2.0  # seconds to let clients finish on stop
     park_after: float = 5.0  # seconds a quiet client keeps its greenlet (~9 KB) before it is parked
+    max_clock_skew: float = 60.0  # seconds a client's time may be ahead of the server's clock
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,8 @@ class PeerSettings:
     backoff_max: float = 1.0
     connect_timeout: float = 2.0
     write_timeout: float = 30.0  # a neighbor that reads nothing this long is dropped
+    link_idle: float = 0.05  # seconds with nothing to send before a link's connection is closed
+    sync_interval: float = 30.0  # seconds between reconciliations with each neighbor; 0 = never
 
 
 @dataclass(frozen=True)
@@ -81,6 +84,8 @@ class HerdConfig:
     servers: dict[str, ServerConfig]
     log_dir: str
     log_level: str = "INFO"
+    state_dir: str | None = None  # None: memory only (no state file)
+    fsync: str = "interval"
     limits: Limits = field(default_factory=Limits)
     peers: PeerSettings = field(default_factory=PeerSettings)
     places: PlacesSettings = field(default_factory=PlacesSettings)
@@ -94,10 +99,15 @@ class HerdConfig:
     def log_path(self, name: str) -> str:
         return os.path.join(self.log_dir, f"{name}.log")
 
+    def state_path(self, name: str) -> str | None:
+        return None if self.state_dir is None else os.path.join(self.state_dir, f"{name}.state")
 
-_HERD_KEYS = {"host", "log_dir", "log_level"}
-_LIMIT_KEYS = {"max_line_bytes", "max_connections", "idle_timeout", "shutdown_grace", "park_after"}
-_PEER_KEYS = {"backoff_initial", "backoff_max", "connect_timeout", "write_timeout"}
+
+_HERD_KEYS = {"host", "log_dir", "log_level", "state_dir", "fsync"}
+_LIMIT_KEYS = {"max_line_bytes", "max_connections", "idle_timeout", "shutdown_grace", "park_after", "max_clock_skew"}
+_PEER_KEYS = {"backoff_initial", "backoff_max", "connect_timeout", "write_timeout", "link_idle", "sync_interval"}
+FSYNC_MODES = ("interval", "always", "never")
+NO_STATE = "-"  # state_dir = - : a memory-only herd
 _PLACES_KEYS = {"provider", "api_key_env", "base_url", "timeout", "connect_timeout", "pool_size", "field_mask"}
 _SERVER_KEYS = {"port", "neighbors", "host"}
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -261,15 +271,31 @@ def load(path: str | os.PathLike[str]) -> HerdConfig:
     log_level = reader.get("herd", "log_level", str.upper, "INFO", "a log level")
     if log_level not in _LOG_LEVELS:
         raise reader.error("herd", "log_level", f"must be one of {', '.join(_LOG_LEVELS)}")
+    fsync = reader.get("herd", "fsync", str.lower, "interval", "an fsync mode")
+    if fsync not in FSYNC_MODES:
+        raise reader.error("herd", "fsync", f"{fsync!r} is not one of {', '.join(FSYNC_MODES)}")
     return HerdConfig(
         path=path,
         servers=_read_servers(reader, default_host),
         log_dir=log_dir,
         log_level=log_level,
+        state_dir=_read_state_dir(reader, path),
+        fsync=fsync,
         limits=_read_limits(reader),
         peers=_read_peers(reader),
         places=_read_places(reader),
     )
+
+
+def _read_state_dir(reader: _Reader, path: str) -> str | None:
+    state_dir = reader.get("herd", "state_dir", str, "state", "a directory")
+    if not state_dir:
+        raise reader.error("herd", "state_dir", f"must not be empty (use {NO_STATE} for a memory-only herd)")
+    if state_dir == NO_STATE:
+        return None
+    if not os.path.isabs(state_dir):
+        state_dir = os.path.join(os.path.dirname(os.path.abspath(path)), state_dir)
+    return state_dir
 
 
 def _read_limits(reader: _Reader) -> Limits:
@@ -277,11 +303,13 @@ def _read_limits(reader: _Reader) -> Limits:
         reader.check_keys("limits", _LIMIT_KEYS)
     d = Limits()
     return Limits(
-        max_line_bytes=reader.integer("limits", "max_line_bytes", d.max_line_bytes, 64, 1 << 24),
+        # 512 at least: a herd handshake line (HELLO) must fit.
+        max_line_bytes=reader.integer("limits", "max_line_bytes", d.max_line_bytes, 512, 1 << 24),
         max_connections=reader.integer("limits", "max_connections", d.max_connections, 1, 1_000_000),
         idle_timeout=reader.number("limits", "idle_timeout", d.idle_timeout),
         shutdown_grace=reader.number("limits", "shutdown_grace", d.shutdown_grace),
         park_after=reader.number("limits", "park_after", d.park_after, minimum=0.01),
+        max_clock_skew=reader.number("limits", "max_clock_skew", d.max_clock_skew),
     )
 
 
@@ -294,6 +322,8 @@ def _read_peers(reader: _Reader) -> PeerSettings:
         backoff_max=reader.number("peers", "backoff_max", d.backoff_max, minimum=0.001),
         connect_timeout=reader.number("peers", "connect_timeout", d.connect_timeout, minimum=0.001),
         write_timeout=reader.number("peers", "write_timeout", d.write_timeout, minimum=0.001),
+        link_idle=reader.number("peers", "link_idle", d.link_idle, minimum=0.001),
+        sync_interval=reader.number("peers", "sync_interval", d.sync_interval),
     )
     if settings.backoff_max < settings.backoff_initial:
         raise reader.error("peers", "backoff_max", "must not be less than backoff_initial")

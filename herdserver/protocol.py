@@ -20,13 +20,15 @@ from typing import Any
 
 NS_PER_S = 1_000_000_000
 
-# Longest integer part accepted in a timestamp or a time difference. 10**30 s is
-# far beyond any real clock, and the cap keeps int() away from its 4300-digit
-# guard and from quadratic conversions on hostile input.
-MAX_TIME_INT_DIGITS = 30
+# The longest time a real clock writes: 11 integer digits of POSIX seconds reach
+# the year 5138, and no clock resolves past the nanosecond (18 fraction digits
+# leave room for clients that print more than they measure). Longer fields are
+# invalid: they pin a record in the far future or only cost parsing work.
+MAX_TIME_INT_DIGITS = 11
+MAX_TIME_FRAC_DIGITS = 18
 
-_TIME = re.compile(rb"([0-9]{1,%d})(?:\.([0-9]+))?" % MAX_TIME_INT_DIGITS)
-_DELTA = re.compile(rb"([+-]?)([0-9]{1,%d})(?:\.([0-9]+))?" % MAX_TIME_INT_DIGITS)
+_TIME = re.compile(rb"([0-9]{1,%d})(?:\.([0-9]{1,%d}))?" % (MAX_TIME_INT_DIGITS, MAX_TIME_FRAC_DIGITS))
+_DELTA = re.compile(rb"([+-]?)([0-9]{1,%d})(?:\.([0-9]{1,%d}))?" % (MAX_TIME_INT_DIGITS, MAX_TIME_FRAC_DIGITS))
 # ISO 6709 decimal degrees: both signs required; 1-2 integer digits of latitude,
 # 1-3 of longitude (ISO writes them zero-padded; we accept both).
 _LOCATION = re.compile(rb"([+-])([0-9]{1,2})(?:\.([0-9]+))?([+-])([0-9]{1,3})(?:\.([0-9]+))?")
@@ -197,6 +199,12 @@ def _parse_at(fields: list[bytes], line: bytes) -> Message:
 
 
 _PARSERS = {b"IAMAT": _parse_iamat, b"WHATSAT": _parse_whatsat, b"AT": _parse_at}
+
+
+def parse_at_line(line: bytes) -> At | None:
+    """A stored (already validated) AT line back into its record; None if it is not one."""
+    msg = parse(line)
+    return msg if isinstance(msg, At) else None
 
 
 def at_identity(fields: list[bytes]) -> tuple[bytes, bytes] | None:

@@ -122,8 +122,7 @@ class Herd:
         self.crashes.extend(server.stats.crashes)
 
     def holds(self, name: str, client: bytes) -> bytes | None:
-        record = self.servers[name].store.get(client)
-        return record.line if record else None
+        return self.servers[name].store.get(client)
 
     def links_up(self) -> bool:
         return all(f.up.is_set() for s in self.servers.values() for f in s.forwarders.values())

@@ -153,7 +153,7 @@ port = 13003
         (TWO + "[places]\ntimeout = -5\n", "[places] timeout", "must be at least 0.001"),
         (TWO + "[places]\npool_size = 0\n", "[places] pool_size", "must be between 1 and 10000"),
         (TWO + "[places]\npool_size = 2.5\n", "[places] pool_size", "'2.5' is not an integer"),
-        (TWO + "[limits]\nmax_line_bytes = 10\n", "[limits] max_line_bytes", "must be between 64 and 16777216"),
+        (TWO + "[limits]\nmax_line_bytes = 10\n", "[limits] max_line_bytes", "must be between 512 and 16777216"),
         (TWO + "[limits]\nidle_timeout = -1\n", "[limits] idle_timeout", "must be at least 0"),
         (TWO + "[peers]\nbackoff_initial = 0\n", "[peers] backoff_initial", "must be at least 0.001"),
         (
@@ -273,14 +273,14 @@ def test_defaults_when_sections_are_missing(tmp_path: Path) -> None:
 def test_other_settings_are_read(tmp_path: Path) -> None:
     text = TWO + (
         "[places]\nprovider = Google-Legacy\nbase_url = http://127.0.0.1:8080/\npool_size = 7\n"
-        "[limits]\nmax_line_bytes = 64\nidle_timeout = 1.5\n"
+        "[limits]\nmax_line_bytes = 512\nidle_timeout = 1.5\n"
         "[peers]\nbackoff_initial = 0.5\nbackoff_max = 0.5\n"
     )
     cfg = config.load(write(tmp_path, text))
     assert cfg.places.provider == "google-legacy"
     assert cfg.places.base_url == "http://127.0.0.1:8080"
     assert cfg.places.pool_size == 7
-    assert cfg.limits == Limits(max_line_bytes=64, idle_timeout=1.5)
+    assert cfg.limits == Limits(max_line_bytes=512, idle_timeout=1.5)
     assert (cfg.peers.backoff_initial, cfg.peers.backoff_max) == (0.5, 0.5)
 
 

@@ -1,0 +1,340 @@
+"""The client connection machinery: accept, park, bounded reads, ordered replies.
+
+A client gets its greenlet when its bytes (or its EOF) arrive: until then it
+is parked on an io watcher, so an idle connection costs a socket and a few small
+objects (under 1 KB) instead of a greenlet and its stacks (about 9 KB). A client
+that goes quiet for ``[limits] park_after`` seconds is parked again by a sweeper; the hot
+path pays one flag per batch for it.
+
+What a command *does* is ``node.Node``'s business (and a neighbor's hello and
+sync questions ``peers.Responder``'s); this module only moves bytes.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import logging
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import gevent
+from gevent.greenlet import Greenlet
+from gevent.pool import Group
+from gevent.server import StreamServer
+
+from . import protocol
+from .config import Limits
+from .logs import EventLog
+from .node import Node
+from .peers import Responder
+from .protocol import LineSplitter, Overlong
+from .sockets import recv_chunk, write_all
+
+MAX_PIPELINED_WHATSAT = 20  # Places calls in flight for one connection at once
+REPLY_BUFFER_BYTES = 65536  # replies held for one connection before writing
+PEER_LINE_BYTES = 1 << 16  # a neighbor's sync lines may be longer than a client's limit
+# Errors that mean "the client went away": logged as a plain close, no traceback.
+QUIET_ERRNOS = {errno.EPIPE, errno.ECONNRESET, errno.ECONNABORTED, errno.ETIMEDOUT, errno.ENOTCONN}
+
+
+class _Park(Exception):
+    """Thrown into a handler waiting for bytes: hand the connection back to a watcher."""
+
+
+@dataclass(slots=True, eq=False)
+class Connection:
+    """Per-client state; ``busy`` while a batch of commands is being answered.
+
+    Parked: ``watcher`` (and ``timer`` with an idle timeout) wait for bytes.
+    Served: ``greenlet`` runs the handler; ``waiting`` while it waits in recv,
+    ``active`` once it got bytes since the sweeper last looked. The splitter
+    (with any half-received line) survives parking. ``neighbor`` names the
+    herd neighbor once the connection said HELLO.
+    """
+
+    id: int
+    peer: str
+    sock: Any = None
+    busy: bool = False
+    watcher: Any = None
+    timer: Any = None
+    greenlet: Greenlet | None = None
+    splitter: LineSplitter | None = None
+    waiting: bool = False
+    active: bool = False
+    last_bytes: float = 0.0  # time.monotonic() of the last bytes, for the idle timeout
+    neighbor: str | None = None
+
+    def peer_hello(self) -> None:
+        """A neighbor's connection: its sync lines may be longer than a client's."""
+        if self.splitter is not None:
+            self.splitter.limit = max(self.splitter.limit, PEER_LINE_BYTES)
+
+
+class ClientPort:
+    """The listening port and every client connection on it."""
+
+    def __init__(
+        self,
+        node: Node,
+        responder: Responder,
+        limits: Limits,
+        log: EventLog,
+        listener: Any,
+        backlog: int | None,
+    ):
+        self.node = node
+        self.store = node.store
+        self.stats = node.stats
+        self.responder = responder
+        self.limits = limits
+        self.log = log
+        self.connections: dict[int, Connection] = {}
+        self._conn_ids = itertools.count(1)
+        self.handlers = Group()  # client handlers (parked connections have none)
+        self.stopping = False
+        self._server = _ClientServer(self, listener, self._park, backlog=backlog)
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return self._server.server_host, self._server.server_port
+
+    def start(self) -> None:
+        self._server.start()
+
+    def close(self) -> None:
+        """Refuse new clients, drop the idle ones, let busy ones finish."""
+        self.stopping = True
+        self._server.close()
+        for conn in list(self.connections.values()):
+            if conn.watcher is not None:
+                self._unpark(conn)
+                self._close(conn, "server_stop")
+            elif conn.greenlet is not None and not conn.busy:
+                conn.greenlet.kill(block=False)
+
+    # -- parking -------------------------------------------------------------------------
+
+    def _park(self, sock: socket.socket, address: Any) -> None:
+        """A new client (in the hub, from the accept loop): wait for its first bytes."""
+        conn = Connection(next(self._conn_ids), _format_address(address), sock, last_bytes=time.monotonic())
+        self.connections[conn.id] = conn
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass  # already reset by the client: the watcher sees it at once, the handler closes it
+        self.log.info("open", conn=conn.id, peer=conn.peer)
+        self._watch(conn)
+
+    def _watch(self, conn: Connection) -> None:
+        loop = gevent.get_hub().loop
+        conn.watcher = loop.io(conn.sock.fileno(), 1)
+        conn.watcher.start(self._wake, conn)
+        if self.limits.idle_timeout:
+            # What is left of the idle time: parking again does not restart the clock.
+            left = self.limits.idle_timeout - (time.monotonic() - conn.last_bytes)
+            conn.timer = loop.timer(max(0.0, left))
+            conn.timer.start(self._idle_parked, conn)
+
+    def _unpark(self, conn: Connection) -> None:
+        conn.watcher.close()
+        conn.watcher = None
+        if conn.timer is not None:
+            conn.timer.close()
+            conn.timer = None
+
+    def _wake(self, conn: Connection) -> None:
+        """The parked client sent something (or closed): its handler takes over."""
+        self._unpark(conn)
+        self.handlers.spawn(self._handle, conn)
+
+    def _idle_parked(self, conn: Connection) -> None:
+        self._unpark(conn)
+        self.log.info("idle_timeout", conn=conn.id)
+        self._close(conn, "eof")
+
+    def _close(self, conn: Connection, reason: str) -> None:
+        self.connections.pop(conn.id, None)
+        self.log.info("close", conn=conn.id, reason=reason)
+        conn.sock.close()
+        self._server.resume()
+
+    def park_quiet_clients(self) -> None:
+        """Every ``park_after`` s: park handlers that waited for bytes all along
+        (so a client is parked after one to two periods of quiet)."""
+        hub = gevent.get_hub()
+        while True:
+            gevent.sleep(self.limits.park_after)
+            for conn in list(self.connections.values()):
+                if conn.waiting and not conn.active:
+                    hub.loop.run_callback(self._park_now, conn)
+                conn.active = False
+
+    def _park_now(self, conn: Connection) -> None:
+        # In the hub. Checked again here: the handler may have woken up since the
+        # sweep; if it still waits in recv, _Park lands there and no bytes are lost
+        # (they stay in the kernel until the watcher sees them).
+        if conn.waiting and not conn.active and conn.greenlet is not None and not self.stopping:
+            conn.greenlet.throw(_Park)
+
+    # -- one connection ------------------------------------------------------------------
+
+    def _handle(self, conn: Connection) -> None:
+        sock = conn.sock
+        conn.greenlet = gevent.getcurrent()
+        reason = "eof"
+        parked = False
+        try:
+            if self.stopping:
+                raise gevent.GreenletExit
+            parked = self._serve(sock, conn)
+        except OSError as exc:
+            reason = errno.errorcode.get(exc.errno or 0, type(exc).__name__)
+            if exc.errno not in QUIET_ERRNOS:
+                self.log.exception("connection_error", conn=conn.id)
+        except gevent.GreenletExit:
+            reason = "server_stop"
+            raise
+        except Exception as exc:  # a bug: log it loudly, keep serving everyone else
+            reason = "crash"
+            self.stats.crashes.append(repr(exc))
+            self.log.exception("connection_crashed", conn=conn.id)
+        finally:
+            conn.greenlet = None
+            if parked and not self.stopping:
+                self._watch(conn)
+            else:
+                self._close(conn, "server_stop" if parked else reason)
+
+    def _serve(self, sock: socket.socket, conn: Connection) -> bool:
+        """Answer the client until EOF (False) or until the sweeper parks it (True)."""
+        if conn.splitter is None:
+            conn.splitter = LineSplitter(self.limits.max_line_bytes)
+        splitter = conn.splitter
+        idle = self.limits.idle_timeout or None
+        while True:
+            conn.waiting = True
+            try:
+                data = recv_chunk(sock, idle)
+            except _Park:
+                return True
+            finally:
+                conn.waiting = False
+            conn.active = True
+            if idle:
+                conn.last_bytes = time.monotonic()
+            if data is None:
+                self.log.info("idle_timeout", conn=conn.id)
+                return False
+            items = splitter.feed(data) if data else splitter.finish()
+            if items:
+                conn.busy = True
+                self._answer(sock, items, conn)
+                conn.busy = False
+            if not data:
+                return False  # EOF: everything owed has been written
+
+    def _answer(self, sock: socket.socket, items: list[bytes | Overlong], conn: Connection) -> None:
+        """Reply to a batch of lines in order; the batch's Places calls overlap.
+
+        Replies are written as soon as those before them are ready, and no more
+        than MAX_PIPELINED_WHATSAT calls or REPLY_BUFFER_BYTES wait at once: a
+        client pipelining thousands of WHATSATs and reading nothing is held back
+        by its own TCP window, not by the server's memory. Records the batch
+        stored are handed to the state file before any reply goes out.
+        """
+        self._log_in(items, conn)
+        pending: list[bytes | Greenlet] = []
+        in_flight = buffered = 0
+        for item in items:
+            reply = self._dispatch(item, conn)
+            if reply is None:
+                continue
+            pending.append(reply)
+            if isinstance(reply, bytes):
+                buffered += len(reply)
+            else:
+                in_flight += 1
+            if in_flight >= MAX_PIPELINED_WHATSAT or buffered >= REPLY_BUFFER_BYTES:
+                self._write_replies(sock, pending, conn)
+                pending, in_flight, buffered = [], 0, 0
+        if pending:
+            self._write_replies(sock, pending, conn)
+        self.node.persist()  # AT lines get no reply, but are stored all the same
+
+    def _log_in(self, items: list[bytes | Overlong], conn: Connection) -> None:
+        """Every non-blank line of one read, in order (an over-long one by its first bytes)."""
+        lines: list[bytes] = []
+        for item in items:
+            if isinstance(item, Overlong):
+                self.log.traffic("in", "conn", conn.id, "line", lines)
+                self.log.traffic("in", "conn", conn.id, "overlong", [item.prefix])
+                lines = []
+            elif item and not item.isspace():  # bytes.isspace: the spec's six white-space bytes
+                lines.append(item)
+        self.log.traffic("in", "conn", conn.id, "line", lines)
+
+    def _write_replies(self, sock: socket.socket, pending: list[bytes | Greenlet], conn: Connection) -> None:
+        """Write replies in command order, waiting for Places calls as they come."""
+        self.node.persist()  # acknowledged records are in the state file first
+        replies = [reply if isinstance(reply, bytes) else reply.get() for reply in pending]
+        write_all(sock, b"".join(replies))
+        self.log.traffic("out", "conn", conn.id, "data", replies)
+
+    def _dispatch(self, item: bytes | Overlong, conn: Connection) -> bytes | Greenlet | None:
+        if isinstance(item, Overlong):
+            self.stats.invalid += 1
+            return protocol.overlong_reply(item)
+        fields = item.split()
+        if not fields:
+            return None  # blank: no reply
+        word = fields[0]
+        if word == b"AT":
+            echo = protocol.at_identity(fields)
+            if echo is not None and self.store.holds(*echo):
+                # Flooding can bring an AT line to a server twice; the second copy is
+                # byte-identical to what it holds, so it is dropped without a parse.
+                self.stats.at_received += 1
+                if self.log.level <= logging.DEBUG:  # no kwargs dict on the hot path at INFO
+                    self.log.debug("at_dropped", conn=conn.id, client=echo[0])
+                return None
+        elif word in Responder.WORDS:
+            return self.responder.answer(fields, item, conn)
+        return self.node.command(item, fields, conn.neighbor)
+
+
+class _ClientServer(StreamServer):  # type: ignore[misc]  # gevent has no type stubs
+    """Hands each accepted socket to ``ClientPort._park`` in the accept loop (no greenlet
+    yet) and stops accepting while ``max_connections`` clients are open (the rest wait
+    in the accept queue)."""
+
+    def __init__(self, port: ClientPort, listener: Any, park: Callable[[Any, Any], None], **kwargs: Any):
+        super().__init__(listener, park, **kwargs)
+        self.port = port
+        self.paused = False
+
+    def do_handle(self, *args: Any) -> None:
+        try:
+            self._handle(*args)
+        except BaseException:
+            self.do_close(*args)
+            raise
+
+    def full(self) -> bool:
+        self.paused = len(self.port.connections) >= self.port.limits.max_connections
+        return self.paused
+
+    def resume(self) -> None:
+        if self.paused and self.started:
+            self.paused = False
+            self.start_accepting()
+
+
+def _format_address(address: Any) -> str:
+    if isinstance(address, tuple) and len(address) >= 2:
+        return f"{address[0]}:{address[1]}"
+    return str(address)
