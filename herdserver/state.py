@@ -250,12 +250,12 @@ class StateFile:
                 _write_all(fd, b"".join(encode(t, line) for t, line in chunk))
                 gevent.sleep(0)
             self.flush()
-            extra = self._compacting
-            _write_all(fd, b"".join(extra))
+            copied = len(self._compacting)
+            _write_all(fd, b"".join(self._compacting))
             pool.apply(os.fsync, (fd,))
             # Nothing may be flushed between the last copy and the switch: no yield below.
             self.flush()
-            _write_all(fd, b"".join(self._compacting[len(extra) :]))
+            _write_all(fd, b"".join(self._compacting[copied:]))
             os.fsync(fd)  # only the few lines written since the threadpool fsync
             os.replace(tmp, self.path)
             _fsync_dir(self.directory)

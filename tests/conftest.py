@@ -170,6 +170,8 @@ def make_herd(tmp_path: Path, fake_places: Any) -> Iterator[Callable[..., Herd]]
         clock: Callable[[], int] = time.time_ns,
         start: bool = True,
         wait_links: bool = True,
+        state: bool = False,
+        fsync: str = "never",
     ) -> Herd:
         topology = FIVE if topology is None else topology
         listeners = {name: _listen() for name in topology}
@@ -184,6 +186,8 @@ def make_herd(tmp_path: Path, fake_places: Any) -> Iterator[Callable[..., Herd]]
             servers=servers,
             log_dir=str(tmp_path / "logs"),
             limits=limits or Limits(shutdown_grace=0.5),
+            state_dir=str(tmp_path / "state") if state else None,
+            fsync=fsync,
             peers=peers,
             places=places,
         )

@@ -1,0 +1,135 @@
+"""Durability and convergence in-process: restarts in every order, the state file, anti-entropy."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+
+from herdserver.config import PeerSettings
+
+from .conftest import FAST_PEERS, Herd, iamat, replace, wait_until
+
+N = 60
+
+
+def post_everywhere(herd: Herd, prefix: bytes = b"c") -> dict[bytes, bytes]:
+    """N records, each posted at one of the servers in turn; client -> its AT line."""
+    names = list(herd.servers)
+    posted = {}
+    for i in range(N):
+        client = b"%s%d" % (prefix, i)
+        posted[client] = herd.client(names[i % len(names)]).ask(iamat(client)).rstrip(b"\n")
+    return posted
+
+
+def converged(herd: Herd, posted: dict[bytes, bytes]) -> bool:
+    return all(herd.holds(name, client) == line for name in herd.servers for client, line in posted.items())
+
+
+def wait_converged(herd: Herd, posted: dict[bytes, bytes], timeout: float = 5.0) -> None:
+    wait_until(lambda: converged(herd, posted), timeout, what="every server to hold every record")
+
+
+@pytest.mark.parametrize("state", [False, True], ids=["memory-only", "state-file"])
+def test_restart_all_but_one_at_once(make_herd: Callable[..., Herd], state: bool) -> None:
+    herd = make_herd(state=state)
+    posted = post_everywhere(herd)
+    wait_converged(herd, posted)
+    restarted = [name for name in herd.servers if name != "Welsh"]
+    for name in restarted:
+        herd.stop(name)
+    for name in restarted:
+        herd.start(name)
+    # Memory-only, the four come back empty: Welsh alone holds everything, including
+    # the records each of them made, and reconciliation must hand those back too.
+    wait_converged(herd, posted)
+    assert herd.servers["Alford"].stats.iamat == 0  # nothing new was posted
+
+
+def test_restart_the_whole_herd_keeps_every_record(make_herd: Callable[..., Herd]) -> None:
+    herd = make_herd(state=True)
+    posted = post_everywhere(herd)
+    wait_converged(herd, posted)
+    names = list(herd.servers)
+    for name in names:
+        herd.stop(name)
+    for name in names:
+        server = herd.start(name)
+        assert len(server.store) == N  # replayed before it listens
+    wait_converged(herd, posted)
+    reply = herd.client("Holiday").ask(b"WHATSAT c3 10 1")
+    assert reply.rstrip(b"\n") == posted[b"c3"]
+
+
+def test_rolling_restarts_with_updates_in_between(make_herd: Callable[..., Herd]) -> None:
+    herd = make_herd()  # memory-only: every restarted server is empty and must catch up
+    posted = post_everywhere(herd)
+    for round_, name in enumerate(list(herd.servers)):
+        herd.stop(name)
+        posted.update(post_everywhere(herd, prefix=b"r%d-" % round_))
+        herd.start(name)
+    wait_converged(herd, posted)
+
+
+def test_a_server_down_during_updates_gets_them_when_it_returns(make_herd: Callable[..., Herd]) -> None:
+    herd = make_herd(state=True)
+    herd.stop("Hamilton")
+    posted = post_everywhere(herd)  # at the four still up
+    herd.start("Hamilton")
+    wait_converged(herd, posted)
+
+
+def test_periodic_anti_entropy_repairs_a_divergence_made_on_purpose(make_herd: Callable[..., Herd]) -> None:
+    peers: PeerSettings = replace(FAST_PEERS, sync_interval=0.2)
+    herd = make_herd(peers=peers)
+    # A record only Holiday holds, put in behind the flood's back (as a lost line would).
+    line = b"AT Holiday +0.000000001 hidden +10+10 1700000000"
+    holiday = herd.servers["Holiday"]
+    assert holiday.store.offer_line(b"hidden", 1_700_000_000 * 10**9, line)
+    wait_until(lambda: all(herd.holds(n, b"hidden") == line for n in herd.servers), what="anti-entropy")
+    synced = sum(f.syncs for s in herd.servers.values() for f in s.forwarders.values())
+    assert synced > len(herd.servers)  # more than the start-up round: the timer did it
+
+
+def test_links_close_when_idle_and_reopen_for_the_next_record(make_herd: Callable[..., Herd]) -> None:
+    herd = make_herd({"Alford": ["Ball"], "Ball": []})
+    alford = herd.servers["Alford"].forwarders["Ball"]
+    wait_until(lambda: not alford.connected, what="the start-up link to close when idle")
+    made = alford.links_made
+    at = herd.client("Alford").ask(iamat()).rstrip(b"\n")
+    wait_until(lambda: herd.holds("Ball", b"kiwi.cs.ucla.edu") == at, what="Ball to get the record")
+    wait_until(lambda: not alford.connected, what="the link to close again")
+    assert alford.links_made == made + 1 and alford.up.is_set()
+
+
+def test_a_foreign_neighbor_gets_plain_at_lines_and_a_full_push(make_herd: Callable[..., Herd]) -> None:
+    """A neighbor that answers our hello with '? ...' (another implementation) is sent
+    plain AT lines only: every record at link-up, then each update."""
+    from gevent.server import StreamServer
+
+    received: list[bytes] = []
+
+    def foreign(sock, address) -> None:  # type: ignore[no-untyped-def]
+        buffer = b""
+        while chunk := sock.recv(65536):
+            buffer += chunk
+            *lines, buffer = buffer.split(b"\n")
+            for text in lines:
+                received.append(text)
+                if not text.startswith(b"AT "):
+                    sock.sendall(b"? " + text.strip() + b"\n")
+
+    herd = make_herd({"Alford": ["Other"], "Other": []}, start=False)
+    other = herd.config.servers["Other"]
+    server = StreamServer((other.host, other.port), foreign)
+    server.start()
+    try:
+        herd.start("Alford")
+        wait_until(lambda: herd.servers["Alford"].forwarders["Other"].foreign, what="Other seen as foreign")
+        at = herd.client("Alford").ask(iamat()).rstrip(b"\n")
+        wait_until(lambda: at in received, what="the AT line at the foreign server")
+        assert all(line.startswith((b"AT ", b"HELLO ")) for line in received)
+        assert not any(line.startswith(b"SYNC") for line in received)
+    finally:
+        server.stop()
