@@ -81,6 +81,7 @@ class Forwarder:
         self.rand = rand
         self.outbox: dict[bytes, bytes] = {}
         self.wake = Event()
+        self.seen = Event()  # the neighbor said hello to us: a retry need not wait out its backoff
         self.up = Event()  # set while the last exchange with the neighbor worked
         self.need_sync = True  # a reconciliation is due (at start: yes)
         self.foreign: bool | None = None  # None until a hello was answered (or not)
@@ -103,6 +104,10 @@ class Forwarder:
         self.outbox[client] = line
         self.wake.set()
 
+    def peer_seen(self) -> None:
+        """The neighbor connected to us and said hello: it is up."""
+        self.seen.set()
+
     def request_sync(self) -> None:
         self.need_sync = True
         self.wake.set()
@@ -123,7 +128,9 @@ class Forwarder:
                 failures += 1
                 self._mark_down("connect failed")
                 # Full jitter in [delay/2, delay): restarted herds do not reconnect in lockstep.
-                gevent.sleep(delay * (0.5 + self.rand() / 2))
+                # A hello from the neighbor (it is back) cuts the wait short.
+                self.seen.clear()
+                self.seen.wait(delay * (0.5 + self.rand() / 2))
                 delay = min(delay * 2, self.settings.backoff_max)
                 continue
             if failures:
@@ -249,7 +256,7 @@ class Forwarder:
             self.log.info("sync", neighbor=self.name, kind="full", records=len(lines))
             return
         sent_before, received_before = self.sync_bytes_sent, self.sync_bytes_received
-        reconciler = sync.Reconciler(self.node.store.leaves)
+        reconciler = sync.Reconciler(self.node.store.levels)
         pushed = 0
         self._sync_write(sock, reconciler.start())
         while not reconciler.finished:
@@ -363,8 +370,16 @@ class Responder:
 
     WORDS = (b"HELLO", b"SYNC")
 
-    def __init__(self, node: Node, boot_id: str, neighbors: tuple[str, ...], log: EventLog):
+    def __init__(
+        self,
+        node: Node,
+        boot_id: str,
+        neighbors: tuple[str, ...],
+        log: EventLog,
+        on_hello: Callable[[str], None] = lambda name: None,
+    ):
         self.node = node
+        self.on_hello = on_hello
         self.boot_id = boot_id.encode()
         self.names = {name.encode("utf-8"): name for name in neighbors}
         self.log = log
@@ -380,7 +395,7 @@ class Responder:
         if command is None:
             return protocol.format_invalid(item.strip())
         if command.verb == b"ASK":
-            return sync.answer_ask(self.node.store.leaves, command.level, command.numbers) + b"\n"
+            return sync.answer_ask(self.node.store.levels, command.level, command.numbers) + b"\n"
         if command.verb == b"PULL":
             lines = list(self.node.store.lines_in(command.numbers))
             lines.append(sync.format_done(len(lines)))
@@ -399,5 +414,6 @@ class Responder:
         self.peer_boots[name] = boot
         conn.neighbor = name
         conn.peer_hello()
+        self.on_hello(name)
         self.log.info("peer_hello", conn=conn.id, neighbor=name)
         return b"HELLO %s %s %s %s -\n" % (HELLO_VERSION, self.node.name_bytes, self.boot_id, new_token().encode())

@@ -67,7 +67,7 @@ class HerdServer:
             for neighbor in self.me.neighbors
         }
         self.node.outlets = list(self.forwarders.values())
-        self.responder = Responder(self.node, self.boot_id, tuple(config.servers), self.log)
+        self.responder = Responder(self.node, self.boot_id, tuple(config.servers), self.log, self._peer_said_hello)
         self.clients = ClientPort(
             self.node,
             self.responder,
@@ -121,6 +121,11 @@ class HerdServer:
             self._spawn_worker(forwarder.run)
         self._spawn_worker(self._flush_logs)
         self._spawn_worker(self.clients.park_quiet_clients)
+
+    def _peer_said_hello(self, name: str) -> None:
+        forwarder = self.forwarders.get(name)
+        if forwarder is not None:
+            forwarder.peer_seen()
 
     def _spawn_worker(self, func: Callable[[], None]) -> None:
         greenlet = self._workers.spawn(func)

@@ -23,6 +23,7 @@ from .protocol import At, parse_at_line, parse_time
 
 LEAF_BITS = 16
 LEAVES = 1 << LEAF_BITS
+LEVELS = LEAF_BITS // 4 + 1  # root, then every 4 bits of the leaf number
 _LEAF_MASK = LEAVES - 1
 
 
@@ -48,7 +49,10 @@ class Store:
 
     def __init__(self) -> None:
         self._lines: dict[bytes, bytes] = {}
-        self.leaves = array("Q", bytes(8 * LEAVES))
+        # The digest of every node of the reconciliation tree (fanout 16, four levels
+        # over the leaves), kept current on every change so no question costs a fold.
+        self.levels = [array("Q", bytes(8 * 16**level)) for level in range(LEVELS)]
+        self.leaves = self.levels[-1]
 
     def offer(self, record: At) -> bool:
         """Keep ``record`` if it is newer than what is held; True when it was kept."""
@@ -65,7 +69,13 @@ class Store:
         else:
             change = line_hash(line)
         self._lines[client] = line
-        self.leaves[leaf_of(client)] ^= change
+        leaf = leaf_of(client)
+        levels = self.levels
+        levels[0][0] ^= change
+        levels[1][leaf >> 12] ^= change
+        levels[2][leaf >> 8] ^= change
+        levels[3][leaf >> 4] ^= change
+        levels[4][leaf] ^= change
         return True
 
     def holds(self, client: bytes, line: bytes) -> bool:

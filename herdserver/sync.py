@@ -2,9 +2,10 @@
 
 Pure: no sockets, no clocks. Each server's ``Store`` keeps ``LEAVES`` (65,536)
 leaf digests, the XOR of a 64-bit hash of every AT line whose client falls in
-the leaf. Over them sits an implicit tree of fanout 16: level 0 is the root
-(one node), level 4 the leaves. Node ``i`` of level ``L`` covers the leaves
-``[i * 16**(4-L), (i+1) * 16**(4-L))`` and its digest is the XOR of theirs.
+the leaf. Over them sits a tree of fanout 16: level 0 is the root (one node),
+level 4 the leaves. Node ``i`` of level ``L`` covers the leaves
+``[i * 16**(4-L), (i+1) * 16**(4-L))`` and its digest is the XOR of theirs;
+the store keeps every level current, so answering a question costs no fold.
 
 The side that starts (the *initiator*, a forwarder) walks the tree down
 breadth-first, asking only under nodes that differ; the other side (the
@@ -44,23 +45,30 @@ def span(level: int) -> int:
     return width
 
 
-def node_digest(leaves: Sequence[int], level: int, index: int) -> int:
-    width = span(level)
-    start = index * width
-    if width == 1:
-        return int(leaves[start])
-    digest: int = reduce(operator.xor, leaves[start : start + width], 0)
-    return digest
+Levels = Sequence[Sequence[int]]  # the digests of every node, level by level (Store.levels)
+
+
+def node_digest(levels: Levels, level: int, index: int) -> int:
+    return int(levels[level][index])
+
+
+def fold(leaves: Sequence[int]) -> list[list[int]]:
+    """Every level's digests from the leaves alone (what ``Store`` keeps current)."""
+    levels = [list(leaves)]
+    while len(levels[0]) > 1:
+        below = levels[0]
+        levels.insert(0, [reduce(operator.xor, below[i : i + FANOUT], 0) for i in range(0, len(below), FANOUT)])
+    return levels
 
 
 def children(parents: Sequence[int]) -> list[int]:
     return [parent * FANOUT + c for parent in parents for c in range(FANOUT)]
 
 
-def answer_ask(leaves: Sequence[int], level: int, parents: Sequence[int]) -> bytes:
+def answer_ask(levels: Levels, level: int, parents: Sequence[int]) -> bytes:
     """The responder's ``SYNC HAVE`` line for ``SYNC ASK level parents``."""
     nodes = [0] if level == 0 else children(parents)
-    digests = b" ".join(b"%016x" % node_digest(leaves, level, node) for node in nodes)
+    digests = b" ".join(b"%016x" % node_digest(levels, level, node) for node in nodes)
     return b"SYNC HAVE %d %s" % (level, digests)
 
 
@@ -126,8 +134,8 @@ class Reconciler:
     DONE`` answers still to come. ``finished`` once nothing is outstanding.
     """
 
-    def __init__(self, leaves: Sequence[int]):
-        self.leaves = leaves
+    def __init__(self, levels: Levels):
+        self.levels = levels
         self.level = 0
         self.asked: list[list[int]] = []  # parents of each ASK still unanswered, in order
         self.next_parents: list[int] = []  # nodes found different at self.level so far
@@ -152,7 +160,7 @@ class Reconciler:
         if len(digests) != len(nodes):
             raise ValueError(f"SYNC HAVE {level}: {len(digests)} digests for {len(nodes)} nodes")
         for node, theirs in zip(nodes, digests, strict=True):
-            if node_digest(self.leaves, level, node) != theirs:
+            if node_digest(self.levels, level, node) != theirs:
                 self.next_parents.append(node)
         if self.asked:
             return []  # the rest of this level is still on its way

@@ -25,7 +25,7 @@ def fill(store: Store, lines: list[bytes]) -> None:
 def reconcile(mine: Store, theirs: Store) -> tuple[int, int]:
     """Run one exchange the way a forwarder and a responder do; (bytes to them, bytes back)."""
     out = back = 0
-    reconciler = sync.Reconciler(mine.leaves)
+    reconciler = sync.Reconciler(mine.levels)
     questions = reconciler.start()
     while questions:
         answers: list[bytes] = []
@@ -34,7 +34,7 @@ def reconcile(mine: Store, theirs: Store) -> tuple[int, int]:
             command = sync.parse_sync(question.split())
             assert command is not None
             if command.verb == b"ASK":
-                answers.append(sync.answer_ask(theirs.leaves, command.level, command.numbers))
+                answers.append(sync.answer_ask(theirs.levels, command.level, command.numbers))
             else:  # PULL: their lines of those leaves, then DONE
                 lines = list(theirs.lines_in(command.numbers))
                 answers.extend(lines)
@@ -123,9 +123,16 @@ def test_malformed_sync_lines_are_refused(text: bytes) -> None:
 
 
 def test_a_reconciler_refuses_answers_it_did_not_ask_for() -> None:
-    reconciler = sync.Reconciler(Store().leaves)
+    reconciler = sync.Reconciler(Store().levels)
     reconciler.start()
     with pytest.raises(ValueError):
         reconciler.on_have(2, [0] * 16)
     with pytest.raises(ValueError):
         reconciler.on_done()
+
+
+def test_the_store_keeps_every_level_equal_to_a_fold_of_its_leaves() -> None:
+    store = Store()
+    fill(store, [line(b"c%d" % i, i + 1) for i in range(2000)])
+    fill(store, [line(b"c%d" % i, 5000 + i) for i in range(0, 2000, 3)])  # replacements too
+    assert [list(level) for level in store.levels] == sync.fold(store.leaves)

@@ -1,0 +1,235 @@
+"""Real server processes driven the way the course's grading scripts drive a herd.
+
+Each server is ``python -m herdserver NAME``, started 0.5 s apart; each command is
+one connection (write, half-close, read to EOF); a server is stopped the way
+``lsof -ti:PORT | xargs kill`` does it: SIGTERM to every process holding a TCP
+socket with that port at either end (computed from /proc, and only among the
+processes this test started). Then: kill -9 in the middle of pipelined IAMATs,
+of one server or of all, loses no acknowledged record.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import gevent
+import pytest
+
+from herdserver.state import ReplayReport, read_records
+
+from .conftest import iamat, wait_until
+from .procnet import kill_by_port, pids_on_port
+from .test_cli import NAMES, ROOT, free_ports
+
+RING = {"Alford": ["Hamilton", "Welsh"], "Ball": ["Holiday", "Welsh"], "Hamilton": ["Alford", "Holiday"],
+        "Holiday": ["Ball", "Hamilton"], "Welsh": ["Alford", "Ball"]}  # fmt: skip
+CLIENT = b"kiwi.cs.ucla.edu"
+
+
+class ProcessHerd:
+    """Five real server processes on free loopback ports, each with its state file."""
+
+    def __init__(self, tmp_path: Path):
+        self.ports = dict(zip(NAMES, free_ports(len(NAMES)), strict=True))
+        text = (
+            "[herd]\nlog_dir = logs\nstate_dir = state\n\n"
+            # Places on a port nobody listens on: a WHATSAT fails fast and still starts with the AT line.
+            "[places]\nprovider = google\napi_key_env = HERD_TEST_KEY\nbase_url = http://127.0.0.1:9\ntimeout = 1\n\n"
+            # No periodic reconciliation: its connection every 30 s would race the port checks.
+            "[peers]\nbackoff_max = 0.2\nsync_interval = 0\n"
+        )
+        for name in NAMES:
+            text += f"\n[server:{name}]\nport = {self.ports[name]}\nneighbors = {', '.join(RING[name])}\n"
+        self.dir = tmp_path
+        self.config = tmp_path / "herd.ini"
+        self.config.write_text(text)
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.started: set[int] = set()  # every PID this test started: the only ones it may signal
+
+    def start(self, name: str) -> subprocess.Popen[bytes]:
+        env = dict(os.environ, HERD_TEST_KEY="k")
+        command = [sys.executable, "-m", "herdserver", name, "--config", str(self.config)]
+        proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.procs[name] = proc
+        self.started.add(proc.pid)
+        return proc
+
+    def running(self, name: str) -> bool:
+        return name in self.procs and self.procs[name].poll() is None
+
+    def ask(self, name: str, line: bytes) -> bytes:
+        """One command on its own connection, like the grading scripts (no final newline)."""
+        with socket.create_connection(("127.0.0.1", self.ports[name]), timeout=5) as sock:
+            sock.sendall(line)
+            sock.shutdown(socket.SHUT_WR)
+            data = b""
+            with gevent.Timeout(5, AssertionError(f"{name} did not answer {line!r}")):
+                while chunk := sock.recv(1 << 20):
+                    data += chunk
+        return data
+
+    def holds(self, name: str, client: bytes = CLIENT) -> bytes | None:
+        try:
+            reply = self.ask(name, b"WHATSAT %s 10 1" % client)
+        except OSError:
+            return None
+        return None if reply.startswith(b"?") else reply.split(b"\n", 1)[0]
+
+    def kill_by_port(self, name: str) -> list[int]:
+        return kill_by_port(self.ports[name], self.started)
+
+    def stop_all(self, signum: int = signal.SIGTERM) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signum)
+        for proc in self.procs.values():
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+    def state_lines(self, name: str) -> set[bytes]:
+        return {line for _, _, line in read_records(str(self.dir / "state" / f"{name}.state"), ReplayReport())}
+
+
+@pytest.fixture
+def procs(tmp_path: Path) -> Iterator[ProcessHerd]:
+    herd = ProcessHerd(tmp_path)
+    yield herd
+    herd.stop_all(signal.SIGKILL)
+
+
+def start_like_the_scripts(herd: ProcessHerd, names: list[str]) -> None:
+    """``nohup python3 server.py NAME &`` 0.5 s apart (the scripts' pacing is the input
+    here, not a wait for anything); then each must answer within 0.5 s of its start."""
+    for name in names:
+        started = time.monotonic()
+        herd.start(name)
+        wait_until(lambda name=name: herd.holds(name, b"nobody") is None and _listening(herd, name), 0.5 + 2.0,
+                   what=f"{name} to answer")  # fmt: skip
+        elapsed = time.monotonic() - started
+        gevent.sleep(max(0.0, 0.5 - elapsed))
+
+
+def _listening(herd: ProcessHerd, name: str) -> bool:
+    try:
+        return herd.ask(name, b"WHATSAT nobody 1 1") == b"? WHATSAT nobody 1 1\n"
+    except OSError:
+        return False
+
+
+def reachable(start: str, up: set[str]) -> set[str]:
+    seen, todo = {start}, [start]
+    while todo:
+        for neighbor in RING[todo.pop()]:
+            if neighbor in up and neighbor not in seen:
+                seen.add(neighbor)
+                todo.append(neighbor)
+    return seen
+
+
+def only_self_on_port(herd: ProcessHerd, name: str) -> bool:
+    """True once no process but the server itself holds a socket with its port."""
+    return pids_on_port(herd.ports[name]) == [herd.procs[name].pid]
+
+
+def test_grading_script_flow_every_two_servers_stopped(procs: ProcessHerd) -> None:
+    start_like_the_scripts(procs, NAMES)
+    first = procs.ask("Alford", iamat()).rstrip(b"\n")
+    assert first.startswith(b"AT Alford ")
+    wait_until(lambda: all(procs.holds(n) == first for n in NAMES), what="every server to hold the first record")
+    held = first
+    for pair in itertools.combinations(NAMES, 2):
+        # Idle links hold no connection: the kill finds only the server itself.
+        for name in pair:
+            wait_until(lambda name=name: only_self_on_port(procs, name), 1.0, what=f"only {name} on its port")
+        for name in pair:
+            holders = {pid: Path(f"/proc/{pid}/cmdline").read_bytes() for pid in pids_on_port(procs.ports[name])}
+            killed = procs.kill_by_port(name)
+            assert killed == [procs.procs[name].pid], (pair, name, holders, {n: p.pid for n, p in procs.procs.items()})
+        for name in pair:
+            assert procs.procs[name].wait(5) == 0  # a clean stop on SIGTERM
+        up = set(NAMES) - set(pair)
+        assert all(procs.running(n) for n in up), f"stopping {pair} took down another server"
+        origin = sorted(up)[0]
+        posted = procs.ask(origin, iamat()).rstrip(b"\n")
+        assert posted.startswith(b"AT %s " % origin.encode())
+        connected = reachable(origin, up)
+        wait_until(lambda p=posted, c=connected: all(procs.holds(n) == p for n in c), what=f"{sorted(connected)}")
+        for name in up - connected:  # cut off by the two stopped servers: the old record stays
+            assert procs.holds(name) == held
+        assert all(procs.running(n) for n in up)
+        for name in pair:
+            procs.start(name)
+        # Back up, the restarted ones and the cut-off ones catch up with no new update.
+        wait_until(lambda p=posted: all(procs.holds(n) == p for n in NAMES), 3.0, what="the herd to converge")
+        held = posted
+
+
+def test_kill_9_during_pipelined_iamats_loses_no_acknowledged_record(procs: ProcessHerd) -> None:
+    for name in NAMES:
+        procs.start(name)
+    for name in NAMES:
+        wait_until(lambda name=name: _listening(procs, name), 10.0, what=f"{name} up")
+    acked: list[bytes] = []
+    with socket.create_connection(("127.0.0.1", procs.ports["Alford"]), timeout=5) as sock:
+        lines = b"".join(iamat(b"p%d" % i) + b"\n" for i in range(20_000))
+
+        def send() -> None:
+            try:
+                sock.sendall(lines)
+            except OSError:
+                pass  # the server is gone
+
+        sender = gevent.spawn(send)
+        buffer = b""
+        with gevent.Timeout(20, AssertionError("replies stopped coming")):
+            while True:
+                try:
+                    chunk = sock.recv(1 << 16)
+                except OSError:
+                    break
+                if not chunk:
+                    break
+                buffer += chunk
+                *replies, buffer = buffer.split(b"\n")
+                acked.extend(replies)
+                if len(acked) >= 3000 and procs.running("Alford"):
+                    procs.procs["Alford"].kill()  # SIGKILL mid-stream
+        sender.kill()
+    assert 3000 <= len(acked) < 20_000
+    procs.procs["Alford"].wait(5)
+    procs.start("Alford")
+    wanted = set(acked)
+    wait_until(lambda: all(wanted <= procs.state_lines(n) for n in NAMES), 10.0,
+               what="every acknowledged record on every server")  # fmt: skip
+    # And all at once: kill -9 the whole herd, start it again, every record is still there.
+    procs.stop_all(signal.SIGKILL)
+    for name in NAMES:
+        procs.start(name)
+    for name in NAMES:
+        wait_until(lambda name=name: _listening(procs, name), 10.0, what=f"{name} up again")
+    probe = acked[1234]
+    for name in NAMES:
+        assert procs.holds(name, probe.split()[3]) == probe
+
+
+def test_a_second_process_on_the_same_state_file_is_refused(procs: ProcessHerd) -> None:
+    procs.start("Alford")
+    wait_until(lambda: _listening(procs, "Alford"), 10.0, what="Alford up")
+    second = subprocess.run(
+        [sys.executable, "-m", "herdserver", "Alford", "--config", str(procs.config)],
+        cwd=ROOT, capture_output=True, text=True, timeout=20, env=dict(os.environ, HERD_TEST_KEY="k"),
+    )  # fmt: skip
+    assert second.returncode == 2
+    assert "locked" in second.stderr and len(second.stderr.strip().splitlines()) == 1
+    assert procs.running("Alford")
