@@ -24,7 +24,8 @@ import sys
 import time
 from dataclasses import dataclass
 
-from herdserver.config import ConfigError, HerdConfig, ServerConfig, effective_provider, load
+from herdserver import __version__
+from herdserver.config import ConfigError, HerdConfig, ServerConfig, effective_provider, load, prepare_log_dir
 
 EXIT_CONFIG = 2
 
@@ -50,6 +51,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--stop-timeout", type=float, default=5.0, metavar="S", help="seconds between SIGTERM and SIGKILL (default 5)"
     )
+    parser.add_argument("--version", action="version", version=f"herdserver {__version__}")
     return parser.parse_args(argv)
 
 
@@ -162,10 +164,15 @@ def watch(children: list[Child]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    twice = sorted({name for name in args.names if args.names.count(name) > 1})
+    if twice:
+        print(f"run_herd: {', '.join(twice)} named more than once", file=sys.stderr)
+        return EXIT_CONFIG
     try:
         config = load(args.config)
         for name in args.names:
             config.server(name)
+        prepare_log_dir(config)
     except ConfigError as exc:
         print(f"run_herd: {exc}", file=sys.stderr)
         return EXIT_CONFIG

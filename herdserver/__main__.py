@@ -18,7 +18,7 @@ import gevent  # noqa: E402
 import gevent.event  # noqa: E402
 
 from . import __version__  # noqa: E402
-from .config import ConfigError, load  # noqa: E402
+from .config import ConfigError, load, prepare_log_dir  # noqa: E402
 
 EXIT_CONFIG = 2
 
@@ -53,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load(args.config)
         config.server(args.name)
+        prepare_log_dir(config)
     except ConfigError as exc:
         print(f"herdserver: {exc}", file=sys.stderr)
         return EXIT_CONFIG

@@ -272,6 +272,20 @@ def load(path: str | os.PathLike[str]) -> HerdConfig:
     )
 
 
+def prepare_log_dir(config: HerdConfig) -> None:
+    """Create ``log_dir`` (and its parents) unless it exists; a ConfigError naming
+    ``[herd] log_dir`` when it cannot be created or written to. The entry points call
+    this before starting anything (``load`` itself leaves the file system alone)."""
+    try:
+        os.makedirs(config.log_dir, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(
+            config.path, "herd", "log_dir", f"cannot create {config.log_dir}: {exc.strerror or exc}"
+        ) from None
+    if not os.access(config.log_dir, os.W_OK | os.X_OK):
+        raise ConfigError(config.path, "herd", "log_dir", f"{config.log_dir} is not writable")
+
+
 def _read_limits(reader: _Reader) -> Limits:
     if reader.parser.has_section("limits"):
         reader.check_keys("limits", _LIMIT_KEYS)
