@@ -70,3 +70,12 @@ def test_version_is_the_packages(tmp_path: Path) -> None:
     server = run("-m", "herdserver", "--version")
     assert herd.returncode == server.returncode == 0
     assert herd.stdout == server.stdout == f"herdserver {__version__}\n"
+
+
+def test_a_server_whose_parent_is_gone_does_not_start(tmp_path: Path) -> None:
+    config, _ = write_herd(tmp_path, ["Alford"])
+    # PID 1 is not this server's parent: as if run_herd had died before the server armed its watch.
+    result = run("-m", "herdserver", "Alford", "--config", str(config), "--parent-pid", "1")
+    assert result.returncode == 0
+    assert result.stderr == "herdserver: Alford: parent process 1 is gone; not starting\n"
+    assert not (tmp_path / "herdlogs" / "Alford.log").exists()
