@@ -122,7 +122,7 @@ def _children(pid: int) -> list[int]:
 def test_run_herd_exits_1_when_a_server_died_on_its_own(tmp_path: Path) -> None:
     config, ports = write_herd(tmp_path, "http://127.0.0.1:9")
     proc = subprocess.Popen(
-        [sys.executable, "run_herd.py", "--config", str(config), "Alford", "Ball"],
+        [sys.executable, "run_herd.py", "--config", str(config), "--no-restart", "Alford", "Ball"],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     try:

@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
-from .conftest import TEST_KEY
-from .test_cli import free_ports
+import pytest
+
+import run_herd
+
+from .conftest import TEST_KEY, wait_until
+from .procnet import kill_by_port, pids_on_port
+from .test_cli import accepting, free_ports
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = dict(os.environ, HERD_TEST_KEY=TEST_KEY)
@@ -79,3 +86,145 @@ def test_a_server_whose_parent_is_gone_does_not_start(tmp_path: Path) -> None:
     assert result.returncode == 0
     assert result.stderr == "herdserver: Alford: parent process 1 is gone; not starting\n"
     assert not (tmp_path / "herdlogs" / "Alford.log").exists()
+
+
+def alive(pid: int) -> bool:
+    """Running (a zombie waiting for a parent to reap it does not count)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+class Herd:
+    """run_herd.py as a subprocess, its output in files (servers inherit them: no pipe to block on)."""
+
+    def __init__(self, tmp_path: Path, config: Path, ports: dict[str, int], *args: str) -> None:
+        self.ports = ports
+        self.out_path, self.err_path = tmp_path / "stdout", tmp_path / "stderr"
+        with open(self.out_path, "w") as out, open(self.err_path, "w") as err:
+            self.proc = subprocess.Popen(
+                [sys.executable, "run_herd.py", "--config", str(config), *args],
+                cwd=ROOT, env=ENV, stdout=out, stderr=err,
+            )
+        self.seen: set[int] = set()  # every server PID seen: the processes this test may end
+
+    @property
+    def stdout(self) -> str:
+        return self.out_path.read_text()
+
+    @property
+    def stderr(self) -> str:
+        return self.err_path.read_text()
+
+    def wait_for(self, text: str, stream: str = "stdout", timeout: float = 15) -> None:
+        wait_until(lambda: text in getattr(self, stream), timeout=timeout, what=f"{text!r} on {stream}")
+
+    def wait_up(self) -> dict[str, int]:
+        self.wait_for(f"run_herd: {len(self.ports)} servers up")
+        return self.servers()
+
+    def servers(self) -> dict[str, int]:
+        """NAME -> PID of the running herdserver children of run_herd."""
+        found = {}
+        try:
+            with open(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children") as listing:
+                pids = [int(pid) for pid in listing.read().split()]
+        except FileNotFoundError:
+            return {}
+        for pid in pids:
+            try:
+                argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            except FileNotFoundError:
+                continue
+            if b"herdserver" in argv and alive(pid):  # not a child forked but not yet exec'd
+                found[argv[argv.index(b"herdserver") + 1].decode()] = pid
+                self.seen.add(pid)
+        return found
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        for port in self.ports.values():  # leftovers, if a test failed: only servers this test saw
+            kill_by_port(port, self.seen, signal.SIGKILL)
+
+
+@pytest.fixture
+def herd(tmp_path: Path) -> Iterator[object]:
+    started: list[Herd] = []
+
+    def start(names: list[str], *args: str) -> Herd:
+        config, ports = write_herd(tmp_path, names)
+        started.append(Herd(tmp_path, config, ports, *args))
+        return started[-1]
+
+    try:
+        yield start
+    finally:
+        for h in started:
+            h.close()
+
+
+def test_a_killed_server_is_restarted_with_doubling_delays(herd) -> None:
+    h = herd(["Alford", "Ball"], "--restart-initial", "0.05", "--restart-max", "0.1")
+    first = h.wait_up()
+    pids = [first["Ball"]]
+    for delay in ("0.05", "0.1", "0.1"):
+        os.kill(pids[-1], signal.SIGKILL)  # a server this test's run_herd started
+        h.wait_for(f"run_herd: Ball exited with status -9; restarting in {delay}s\n", "stderr")
+        wait_until(lambda: h.servers().get("Ball") not in (None, *pids), what="a new Ball process")
+        pids.append(h.servers()["Ball"])
+        wait_until(lambda: accepting(h.ports["Ball"]), timeout=10, what="the new Ball to listen")
+    assert h.servers()["Alford"] == first["Alford"]  # the others are left alone
+    h.proc.send_signal(signal.SIGTERM)
+    assert h.proc.wait(timeout=15) == 1  # stopped cleanly, but a server had died meanwhile
+    assert h.stderr.count("restarting in") == 3
+    assert not any(accepting(port) for port in h.ports.values())
+
+
+def test_no_restart_reports_the_exit_and_ends_when_no_server_is_left(herd) -> None:
+    h = herd(["Alford"], "--no-restart", "--restart-initial", "0.01")
+    os.kill(h.wait_up()["Alford"], signal.SIGKILL)
+    assert h.proc.wait(timeout=15) == 1
+    assert h.stderr == "run_herd: Alford exited with status -9\nrun_herd: every server has exited\n"
+    assert not accepting(h.ports["Alford"])
+
+
+def test_backoff_doubles_to_the_cap_and_resets_after_a_long_run() -> None:
+    backoff = run_herd.Backoff(initial=1, maximum=30, reset_after=60)
+    assert [backoff.delay(uptime=5) for _ in range(7)] == [1, 2, 4, 8, 16, 30, 30]
+    assert backoff.delay(uptime=59.9) == 30
+    assert [backoff.delay(uptime=60), backoff.delay(uptime=1)] == [1, 2]
+
+
+def test_kill_9_of_run_herd_stops_every_server(herd, tmp_path: Path) -> None:
+    h = herd(["Alford", "Ball", "Hamilton"])
+    servers = h.wait_up()
+    # Each holds its own port, and its neighbors' forwarders hold connections to it.
+    assert len(servers) == 3 and all(pid in pids_on_port(h.ports[name]) for name, pid in servers.items())
+    h.proc.kill()  # SIGKILL: run_herd cannot stop anything itself
+    h.proc.wait()
+    wait_until(lambda: not any(alive(pid) for pid in servers.values()), timeout=10, what="every server to exit")
+    assert all(pids_on_port(port) == [] for port in h.ports.values())
+    for name in servers:  # each stopped gracefully, on the SIGTERM the kernel sent it
+        wait_until(lambda n=name: "event=stop" in (tmp_path / "herdlogs" / f"{n}.log").read_text(), what="stop")
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_stop_during_start_up_stops_what_was_started_and_exits_0(herd, signum: int) -> None:
+    h = herd(["Alford", "Ball"])
+    pids = wait_until(lambda: (found := h.servers()) and len(found) == 2 and found, what="two server processes")
+    os.kill(pids["Ball"], signal.SIGSTOP)  # Ball cannot get to listening: run_herd is still starting up
+    try:
+        if accepting(h.ports["Ball"]):
+            pytest.skip("Ball was listening before this test could hold it")
+        h.proc.send_signal(signum)
+        h.wait_for("run_herd: stopping\n")
+    finally:
+        os.kill(pids["Ball"], signal.SIGCONT)  # it now gets the SIGTERM run_herd sent it
+    assert h.proc.wait(timeout=15) == 0, h.stderr
+    assert "servers up" not in h.stdout
+    assert h.stderr == ""
+    wait_until(lambda: not any(alive(pid) for pid in pids.values()), what="every server to exit")
