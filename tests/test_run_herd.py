@@ -232,3 +232,39 @@ def test_a_stop_during_start_up_stops_what_was_started_and_exits_0(herd, signum:
     assert "servers up" not in h.stdout
     assert h.stderr == ""
     wait_until(lambda: not any(alive(pid) for pid in pids.values()), what="every server to exit")
+
+
+# A parent that starts one server with the kernel's parent-death signal unavailable (as off Linux).
+POLLING_PARENT = """
+import os, subprocess, sys
+server = (
+    "import sys, herdserver.__main__ as m; m._set_parent_death_signal = lambda signum: False; "
+    "m.PARENT_POLL_INTERVAL = 0.02; sys.exit(m.main(sys.argv[1:]))"
+)
+child = subprocess.Popen([sys.executable, "-c", server, *sys.argv[1:], "--parent-pid", str(os.getpid())])
+print(child.pid, flush=True)
+child.wait()
+"""
+
+
+def test_without_pdeathsig_a_server_polls_for_its_parent(tmp_path: Path) -> None:
+    config, ports = write_herd(tmp_path, ["Alford"])
+    parent = subprocess.Popen(
+        [sys.executable, "-c", POLLING_PARENT, "Alford", "--config", str(config)],
+        cwd=ROOT, env=ENV, stdout=subprocess.PIPE, text=True,
+    )
+    assert parent.stdout is not None
+    server = int(parent.stdout.readline())
+    try:
+        wait_until(lambda: accepting(ports["Alford"]), timeout=10, what="Alford to listen")
+        parent.kill()
+        parent.wait()
+        wait_until(lambda: not alive(server), timeout=10, what="Alford to notice")
+        log = tmp_path / "herdlogs" / "Alford.log"
+        wait_until(lambda: "event=stop" in log.read_text(), what="a graceful stop")
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+            parent.wait()
+        parent.stdout.close()
+        kill_by_port(ports["Alford"], {server}, signal.SIGKILL)
