@@ -10,6 +10,8 @@ from gevent import monkey
 monkey.patch_all(thread=True, socket=True, ssl=True)
 
 import argparse  # noqa: E402
+import ctypes  # noqa: E402
+import os  # noqa: E402
 import resource  # noqa: E402
 import signal  # noqa: E402
 import sys  # noqa: E402
@@ -18,7 +20,7 @@ import gevent  # noqa: E402
 import gevent.event  # noqa: E402
 
 from . import __version__  # noqa: E402
-from .config import ConfigError, load  # noqa: E402
+from .config import ConfigError, load, prepare_log_dir  # noqa: E402
 
 EXIT_CONFIG = 2
 
@@ -34,8 +36,46 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--config", default="herd.ini", metavar="PATH", help="the herd file (default: ./herd.ini)"
     )
+    parser.add_argument(
+        "--parent-pid",
+        type=int,
+        metavar="PID",
+        help="stop (as on SIGTERM) when this parent process is gone; run_herd.py passes its own PID",
+    )
     parser.add_argument("--version", action="version", version=f"herdserver {__version__}")
     return parser.parse_args(argv)
+
+
+PARENT_POLL_INTERVAL = 1.0  # seconds, where the kernel cannot signal a parent's death
+
+
+def _set_parent_death_signal(signum: int) -> bool:
+    """Linux: have the kernel send ``signum`` when the parent exits. False where that is unavailable."""
+    if not sys.platform.startswith("linux"):
+        return False
+    pr_set_pdeathsig = 1
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return False
+    zero = ctypes.c_ulong(0)
+    return int(prctl(pr_set_pdeathsig, ctypes.c_ulong(signum), zero, zero, zero)) == 0
+
+
+def _poll_parent(parent_pid: int, stopping: gevent.event.Event) -> None:
+    while os.getppid() == parent_pid:
+        gevent.sleep(PARENT_POLL_INTERVAL)
+    stopping.set()
+
+
+def follow_parent(parent_pid: int, stopping: gevent.event.Event) -> bool:
+    """Stop when ``parent_pid`` exits, even by SIGKILL: SIGTERM from the kernel on Linux
+    (PR_SET_PDEATHSIG), elsewhere a greenlet that polls getppid(). False if the parent
+    is gone already (this process was reparented before the watch was set up)."""
+    if not _set_parent_death_signal(signal.SIGTERM):
+        gevent.spawn(_poll_parent, parent_pid, stopping)
+    # Checked after the signal is armed: a parent that died before is seen here, after it by the kernel.
+    return os.getppid() == parent_pid
 
 
 def raise_fd_limit() -> None:
@@ -53,9 +93,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load(args.config)
         config.server(args.name)
+        prepare_log_dir(config)
     except ConfigError as exc:
         print(f"herdserver: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    # Handled from here on, so a stop asked for while the server is starting up is graceful too.
+    stopping = gevent.event.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        gevent.signal_handler(signum, stopping.set)
+    if args.parent_pid is not None and not follow_parent(args.parent_pid, stopping):
+        print(f"herdserver: {args.name}: parent process {args.parent_pid} is gone; not starting", file=sys.stderr)
+        return 0
     raise_fd_limit()
     from .server import HerdServer
     from .state import StateLocked
@@ -69,9 +117,6 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         print(f"herdserver: {args.name}: cannot start: {exc}", file=sys.stderr)
         return 1
-    stopping = gevent.event.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        gevent.signal_handler(signum, stopping.set)
     stopping.wait()
     server.stop()
     return 0

@@ -298,6 +298,22 @@ def _read_state_dir(reader: _Reader, path: str) -> str | None:
     return state_dir
 
 
+def prepare_log_dir(config: HerdConfig) -> None:
+    """Create ``log_dir`` and ``state_dir`` (and their parents) unless they exist; a
+    ConfigError naming ``[herd] log_dir`` or ``state_dir`` when one cannot be created
+    or written to. The entry points call this before starting anything (``load``
+    itself leaves the file system alone)."""
+    for key, directory in (("log_dir", config.log_dir), ("state_dir", config.state_dir)):
+        if directory is None:
+            continue
+        try:
+            os.makedirs(directory, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(config.path, "herd", key, f"cannot create {directory}: {exc.strerror or exc}") from None
+        if not os.access(directory, os.W_OK | os.X_OK):
+            raise ConfigError(config.path, "herd", key, f"{directory} is not writable")
+
+
 def _read_limits(reader: _Reader) -> Limits:
     if reader.parser.has_section("limits"):
         reader.check_keys("limits", _LIMIT_KEYS)

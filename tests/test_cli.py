@@ -122,7 +122,7 @@ def _children(pid: int) -> list[int]:
 def test_run_herd_exits_1_when_a_server_died_on_its_own(tmp_path: Path) -> None:
     config, ports = write_herd(tmp_path, "http://127.0.0.1:9")
     proc = subprocess.Popen(
-        [sys.executable, "run_herd.py", "--config", str(config), "Alford", "Ball"],
+        [sys.executable, "run_herd.py", "--config", str(config), "--no-restart", "Alford", "Ball"],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     try:
@@ -132,6 +132,8 @@ def test_run_herd_exits_1_when_a_server_died_on_its_own(tmp_path: Path) -> None:
         ball = next(pid for pid in _children(proc.pid) if "Ball" in Path(f"/proc/{pid}/cmdline").read_text())
         os.kill(ball, signal.SIGKILL)  # a child of the run_herd this test started
         wait_until(lambda: not accepting(ports["Ball"]), what="Ball to be gone")
+        # Reaped by run_herd (it says so as it reaps): a stop before that would find Ball still dying.
+        wait_until(lambda: ball not in _children(proc.pid), what="run_herd to notice Ball's exit")
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=15) == 1
         assert "run_herd: Ball exited with status -9" in proc.stderr.read()
