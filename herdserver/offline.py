@@ -24,7 +24,9 @@ from __future__ import annotations
 import bisect
 import importlib.util
 import math
+import os
 import re
+import sys
 import threading
 import time
 from array import array
@@ -136,6 +138,26 @@ class Dataset:
     def from_builder(cls, builder: _Builder, strip_deg: float = DEFAULT_STRIP_DEG) -> Dataset:
         self = cls.__new__(cls)
         self._adopt(builder, strip_deg)
+        return self
+
+    @classmethod
+    def from_columns(
+        cls,
+        columns: dict[str, array[int]],
+        *,
+        names: bytes,
+        regions: list[tuple[str, str]],
+        strip_start: array[int],
+        strip_e5: int,
+        skipped: int,
+    ) -> Dataset:
+        """A Dataset from columns already in index order (what the cache file holds)."""
+        self = cls.__new__(cls)
+        self.strip_e5, self.skipped, self.load_seconds = strip_e5, skipped, 0.0
+        self.strip_start = strip_start
+        self.ids, self.lat, self.lon = columns["ids"], columns["lat"], columns["lon"]
+        self.population, self.region = columns["population"], columns["region"]
+        self.names, self.name_end, self.regions = names, columns["name_end"], regions
         return self
 
     def _adopt(self, b: _Builder, strip_deg: float) -> None:
@@ -373,22 +395,133 @@ def load_dataset(path: str | PathLike[str] | None = None, strip_deg: float = DEF
     return dataset
 
 
-# One load per process and path, shared by every provider (and failures too, so
-# a broken install is not re-read on every WHATSAT).
-_cache: dict[str, Dataset | str] = {}
+# One load per process, data path and cache dir, shared by every provider (and
+# failures too, so a broken install is not re-read on every WHATSAT). An entry
+# is a _Loading while a background load is in progress.
+_cache: dict[tuple[str, str], Dataset | str | _Loading] = {}
 _cache_lock = threading.Lock()
 
 
-def shared_dataset(path: str | PathLike[str] | None = None) -> Dataset | str:
-    """The process-wide Dataset for path, or the message saying why there is none."""
-    key = str(path) if path is not None else ""
+def _cache_key(path: str | PathLike[str] | None, cache_dir: Path | None) -> tuple[str, str]:
+    return (str(path) if path is not None else "", str(cache_dir) if cache_dir is not None else "")
+
+
+def _unavailable(exc: Exception) -> str:
+    return f"offline place data unavailable: {_reason(exc)}"
+
+
+def shared_dataset(path: str | PathLike[str] | None = None, cache_dir: Path | None = None) -> Dataset | str:
+    """The process-wide Dataset for path, or the message saying why there is none.
+
+    Synchronous: from the cache file when it is valid (milliseconds), else built
+    here (seconds) and written to the cache for the next process."""
+    from . import offline_cache
+
+    key = _cache_key(path, cache_dir)
     with _cache_lock:
-        if key not in _cache:
+        entry = _cache.get(key)
+        if entry is None:
             try:
-                _cache[key] = load_dataset(path)
+                outcome = offline_cache.ensure(path, cache_dir)
             except (OSError, ValueError, UnicodeError) as exc:
-                _cache[key] = f"offline place data unavailable: {_reason(exc)}"
-        return _cache[key]
+                entry = _unavailable(exc)
+            else:
+                if outcome.note:
+                    print(f"herdserver.offline: {outcome.note}", file=sys.stderr)
+                entry = outcome.dataset
+            _cache[key] = entry
+    if isinstance(entry, _Loading):
+        result = entry.wait(None)
+        assert result is not None
+        return result
+    return entry
+
+
+def shared_loading(path: str | PathLike[str] | None = None, cache_dir: Path | None = None) -> Dataset | str | _Loading:
+    """Like shared_dataset, but a missing or stale cache never blocks: the data is
+    built in a child process (``build-cache --stdout``) while a greenlet waits for
+    it; a _Loading stands for it meanwhile. For gevent servers."""
+    from . import offline_cache
+
+    key = _cache_key(path, cache_dir)
+    with _cache_lock:
+        entry = _cache.get(key)
+        if entry is None:
+            try:
+                found = offline_cache.try_cache(path, cache_dir)
+            except (OSError, ValueError) as exc:  # the source itself is missing: no child can help
+                entry = _unavailable(exc)
+            else:
+                entry = found if found is not None else _Loading(key, path, cache_dir)
+            _cache[key] = entry
+        return entry
+
+
+class _Loading:
+    """The data being built by ``python -m herdserver.offline build-cache --stdout``.
+
+    A greenlet runs the child (gevent.subprocess: the hub never blocks), reads
+    the cache bytes from its stdout and parses them; waiters block on an Event.
+    The child takes the cache's lock, so servers starting together build the
+    file once and the others read it; with an unwritable cache dir the child
+    still builds and sends the data, and says why on stderr (the server's)."""
+
+    def __init__(self, key: tuple[str, str], path: str | PathLike[str] | None, cache_dir: Path | None) -> None:
+        import gevent
+        import gevent.event
+
+        self.result: Dataset | str | None = None
+        self.pid: int | None = None
+        self._key = key
+        self._done = gevent.event.Event()
+        self._greenlet = gevent.spawn(self._run, path, cache_dir)
+
+    def wait(self, timeout: float | None) -> Dataset | str | None:
+        """The Dataset or the reason there is none; None if not ready within timeout."""
+        self._done.wait(timeout)
+        return self.result
+
+    def _run(self, path: str | PathLike[str] | None, cache_dir: Path | None) -> None:
+        try:
+            self.result = self._load(path, cache_dir)
+        except Exception as exc:  # never leave the waiters hanging
+            self.result = f"offline place data unavailable: {type(exc).__name__}"
+        finally:
+            with _cache_lock:
+                if _cache.get(self._key) is self:
+                    assert self.result is not None
+                    _cache[self._key] = self.result
+            self._done.set()
+
+    def _load(self, path: str | PathLike[str] | None, cache_dir: Path | None) -> Dataset | str:
+        from gevent import subprocess
+
+        from . import offline_cache
+
+        command = [sys.executable, "-m", "herdserver.offline", "build-cache", "--stdout"]
+        if path is not None:
+            command += ["--data", str(path)]
+        if cache_dir is not None:
+            command += ["--cache-dir", str(cache_dir)]
+        env = dict(os.environ)
+        package_parent = str(Path(__file__).resolve().parent.parent)  # the child imports this same herdserver
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (package_parent, env.get("PYTHONPATH")) if p)
+        child = subprocess.Popen(
+            command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env
+        )
+        self.pid = child.pid
+        data, errors = child.communicate()
+        text = errors.decode("utf-8", "replace").strip()
+        if child.returncode != 0:
+            last = text.splitlines()[-1] if text else f"the loader exited with status {child.returncode}"
+            prefix = "offline place data unavailable"
+            return last if last.startswith(prefix) else f"{prefix}: {last}"
+        if text:
+            print(text, file=sys.stderr)  # e.g. why the cache could not be written
+        try:
+            return offline_cache.parse(data, None)
+        except offline_cache.CacheError as exc:
+            return f"offline place data unavailable: the loader sent bad data ({exc})"
 
 
 def _reason(exc: Exception) -> str:
@@ -402,17 +535,57 @@ def _reason(exc: Exception) -> str:
 
 
 class OfflineProvider:
-    """Places from GeoNames in memory, answered in the legacy Nearby Search shape."""
+    """Places from GeoNames in memory, answered in the legacy Nearby Search shape.
+
+    ``OfflineProvider(dataset)`` and ``OfflineProvider()`` are ready when made
+    (the latter loads or builds the data synchronously). ``background=True`` (what
+    servers use) never blocks: with no valid cache the data comes from a child
+    process, and a WHATSAT meanwhile waits up to ``wait_seconds`` for it, then
+    answers UNKNOWN_ERROR "offline place data is still loading"."""
 
     name = "offline"
 
-    def __init__(self, dataset: Dataset | None = None, *, data_path: str | PathLike[str] | None = None) -> None:
-        # Load now, so a server pays the cost at start and not on its first WHATSAT.
-        loaded = dataset if dataset is not None else shared_dataset(data_path)
-        self.dataset: Dataset | None = loaded if isinstance(loaded, Dataset) else None
-        self.error: str | None = loaded if isinstance(loaded, str) else None
+    def __init__(
+        self,
+        dataset: Dataset | None = None,
+        *,
+        data_path: str | PathLike[str] | None = None,
+        cache_dir: Path | None = None,
+        background: bool = False,
+        wait_seconds: float = 5.0,
+    ) -> None:
+        self.wait_seconds = wait_seconds
+        self.dataset: Dataset | None = None
+        self.error: str | None = None
+        self._loading: _Loading | None = None
+        if dataset is not None:
+            loaded: Dataset | str | _Loading = dataset
+        elif background:
+            loaded = shared_loading(data_path, cache_dir)
+        else:
+            loaded = shared_dataset(data_path, cache_dir)
+        self._adopt(loaded)
+
+    def _adopt(self, loaded: Dataset | str | _Loading) -> None:
+        if isinstance(loaded, _Loading):
+            self._loading = loaded
+        elif isinstance(loaded, Dataset):
+            self.dataset, self._loading = loaded, None
+        else:
+            self.error, self._loading = loaded, None
+
+    def ready(self, timeout: float | None = 0.0) -> bool:
+        """True once the data (or the reason there is none) is known; waits up to timeout."""
+        if self._loading is not None:
+            result = self._loading.wait(timeout)
+            if result is None:
+                return False
+            self._adopt(result)
+        return True
 
     def nearby(self, lat: float, lon: float, radius_m: float, bound: int) -> dict[str, Any]:
+        if not self.ready(self.wait_seconds):
+            return places_error("UNKNOWN_ERROR", "offline place data is still loading")
         if self.dataset is None:
             return places_error("UNKNOWN_ERROR", self.error or "offline place data unavailable")
         if not all(math.isfinite(v) for v in (lat, lon, radius_m)) or abs(lat) > 90 or abs(lon) > 180:
@@ -441,3 +614,9 @@ class OfflineProvider:
 
     def close(self) -> None:
         """Nothing to release: the data is shared by every provider in the process."""
+
+
+if __name__ == "__main__":  # python -m herdserver.offline build-cache
+    from herdserver.offline_cache import main
+
+    sys.exit(main())

@@ -326,4 +326,6 @@ def make_provider(settings: PlacesSettings, environ: Mapping[str, str] | None = 
         return GoogleLegacyProvider(settings, key)
     from .offline import OfflineProvider  # loads its data only when chosen
 
-    return OfflineProvider()
+    # Never blocks the server's start: from the cache in ms, or built by a child
+    # process while WHATSATs wait up to the Places timeout for it.
+    return OfflineProvider(background=True, wait_seconds=settings.timeout)

@@ -5,6 +5,7 @@ from gevent import monkey
 
 monkey.patch_all(thread=True, subprocess=True)
 
+import os  # noqa: E402
 import socket  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Callable, Iterator  # noqa: E402
@@ -28,6 +29,30 @@ FIVE = {
 }
 FAST_PEERS = PeerSettings(backoff_initial=0.01, backoff_max=0.05, connect_timeout=1.0, write_timeout=5.0)
 TEST_KEY = "test-key-1234567890"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def offline_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The offline place cache of every test and every process a test starts: a tmp
+    dir, never the user's ~/.cache. Built (about 1-2 s) at most once per session."""
+    path = tmp_path_factory.mktemp("herdcache")
+    saved = os.environ.get("HERDSERVER_CACHE_DIR")
+    os.environ["HERDSERVER_CACHE_DIR"] = str(path)
+    yield path
+    if saved is None:
+        os.environ.pop("HERDSERVER_CACHE_DIR", None)
+    else:
+        os.environ["HERDSERVER_CACHE_DIR"] = saved
+
+
+@pytest.fixture(scope="session")
+def warm_offline_cache(offline_cache_dir: Path) -> Path:
+    """The real cache file of the shipped data, built once for the session; its path."""
+    from herdserver import offline, offline_cache
+
+    shared = offline.shared_dataset()  # builds and writes it (or loads it), shared in-process too
+    assert isinstance(shared, offline.Dataset), shared
+    return offline_cache_dir / offline_cache.Source.of().file_name
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float = 5.0, what: str = "condition") -> Any:

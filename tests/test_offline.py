@@ -266,7 +266,7 @@ def test_missing_package_gives_the_error_shape(monkeypatch: pytest.MonkeyPatch) 
 
 
 @pytest.fixture(scope="module")
-def real() -> OfflineProvider:
+def real(warm_offline_cache: Path) -> OfflineProvider:
     p = OfflineProvider()
     assert p.error is None, p.error
     return p

@@ -82,6 +82,7 @@ def test_the_key_never_reaches_a_log_file_or_a_client(make_herd: Callable[..., H
     assert not any(b"very-secret" in reply for reply in replies)
 
 
+@pytest.mark.usefixtures("warm_offline_cache")
 def test_offline_provider_answers_with_real_places_and_attribution(make_herd: Callable[..., Herd]) -> None:
     offline = PlacesSettings(provider="offline")
     herd = make_herd({"Alford": []}, places=offline, provider_factory=_provider_factory(offline, ""))
@@ -98,6 +99,7 @@ def test_offline_provider_answers_with_real_places_and_attribution(make_herd: Ca
     assert all(r["place_id"].startswith("geonames:") for r in payload["results"])
 
 
+@pytest.mark.usefixtures("warm_offline_cache")
 def test_auto_without_a_key_is_offline_and_says_so(make_herd: Callable[..., Herd]) -> None:
     auto = PlacesSettings(provider="auto")
     herd = make_herd({"Alford": []}, places=auto, provider_factory=_provider_factory(auto, ""))

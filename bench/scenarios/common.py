@@ -37,13 +37,14 @@ class Settings:
     slow_clients: int = 1_000
     offline_queries: int | None = None  # None: bench_offline's own defaults
     offline_linear_queries: int | None = None
+    startup_runs: int = 5  # the start-up targets are medians of 5 starts
 
 
 FULL = Settings()
 QUICK = Settings(
     runs=1, duration=0.5, per_request_max=1_000, probes=50, probe_seconds=1.0, storm_updates=2_000,
     storm_clients=200, storm_seconds=15.0, idle_connections=2_000, slow_updates=50_000,
-    offline_queries=200, offline_linear_queries=5, whatsat_runs=2, iamat_runs=1,
+    offline_queries=200, offline_linear_queries=5, whatsat_runs=2, iamat_runs=1, startup_runs=2,
 )
 
 
