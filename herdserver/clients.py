@@ -27,7 +27,9 @@ from gevent.pool import Group
 from gevent.server import StreamServer
 
 from . import protocol
+from .auth import Trust, canonical_ip
 from .config import Limits
+from .limits import read_deadline
 from .logs import EventLog
 from .node import Node
 from .peers import Responder
@@ -37,12 +39,26 @@ from .sockets import recv_chunk, write_all
 MAX_PIPELINED_WHATSAT = 20  # Places calls in flight for one connection at once
 REPLY_BUFFER_BYTES = 65536  # replies held for one connection before writing
 PEER_LINE_BYTES = 1 << 16  # a neighbor's sync lines may be longer than a client's limit
+# The kernel's buffers per client, fixed (no autotuning up to tens of megabytes):
+# with REPLY_BUFFER_BYTES they bound what a client that reads nothing can leave
+# queued, and what a client that pipelines without end can have waiting unread.
+# Set on the listener, so accepted sockets inherit them with no syscall each.
+CLIENT_SNDBUF = 128 << 10
+CLIENT_RCVBUF = 64 << 10
 # Errors that mean "the client went away": logged as a plain close, no traceback.
 QUIET_ERRNOS = {errno.EPIPE, errno.ECONNRESET, errno.ECONNABORTED, errno.ETIMEDOUT, errno.ENOTCONN}
 
 
 class _Park(Exception):
     """Thrown into a handler waiting for bytes: hand the connection back to a watcher."""
+
+
+class _TimedOut(Exception):
+    """A client ran out of time: ``idle_timeout``, ``line_timeout`` or ``write_timeout``."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
 
 
 @dataclass(slots=True, eq=False)
@@ -66,8 +82,12 @@ class Connection:
     splitter: LineSplitter | None = None
     waiting: bool = False
     active: bool = False
-    last_bytes: float = 0.0  # time.monotonic() of the last bytes, for the idle timeout
+    last_command: float = 0.0  # time.monotonic() of the last complete command (idle timeout)
+    line_started: float | None = None  # when the unfinished line's first byte came (line timeout)
+    ip: str = ""
+    may_send_at: bool = False  # by address (trusted, or the herd's without a secret) or by AUTH
     neighbor: str | None = None
+    nonces: tuple[bytes, bytes, bytes] | None = None  # the hello's, until AUTH
 
     def peer_hello(self) -> None:
         """A neighbor's connection: its sync lines may be longer than a client's."""
@@ -86,8 +106,15 @@ class ClientPort:
         log: EventLog,
         listener: Any,
         backlog: int | None,
+        trust: Trust,
+        max_connections: int,
     ):
         self.node = node
+        self.trust = trust
+        self.max_connections = max_connections
+        self.per_ip: dict[str, int] = {}
+        self.refused = 0
+        self.dropped_slow = 0
         self.store = node.store
         self.stats = node.stats
         self.responder = responder
@@ -105,6 +132,9 @@ class ClientPort:
 
     def start(self) -> None:
         self._server.start()
+        listener = self._server.socket
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, CLIENT_SNDBUF)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, CLIENT_RCVBUF)
 
     def close(self) -> None:
         """Refuse new clients, drop the idle ones, let busy ones finish."""
@@ -120,9 +150,20 @@ class ClientPort:
     # -- parking -------------------------------------------------------------------------
 
     def _park(self, sock: socket.socket, address: Any) -> None:
-        """A new client (in the hub, from the accept loop): wait for its first bytes."""
-        conn = Connection(next(self._conn_ids), _format_address(address), sock, last_bytes=time.monotonic())
+        """A new client (in the hub, from the accept loop): wait for its first bytes.
+
+        Past ``max_connections``, or ``max_connections_per_ip`` from one address, the
+        connection is closed at once (a reset): refused quickly, never left hanging
+        in the accept queue, and the process never runs out of descriptors."""
+        ip = canonical_ip(address[0]) if isinstance(address, tuple) and address else str(address)
+        full = len(self.connections) >= self.max_connections
+        if full or self.per_ip.get(ip, 0) >= self.limits.max_connections_per_ip:
+            self._refuse(sock, ip, "full" if full else "per_ip")
+            return
+        conn = Connection(next(self._conn_ids), _format_address(address), sock, last_command=time.monotonic(), ip=ip)
+        conn.may_send_at = self.trust.allows_by_address(ip)
         self.connections[conn.id] = conn
+        self.per_ip[ip] = self.per_ip.get(ip, 0) + 1
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError:
@@ -130,15 +171,30 @@ class ClientPort:
         self.log.info("open", conn=conn.id, peer=conn.peer)
         self._watch(conn)
 
+    def _refuse(self, sock: socket.socket, ip: str, reason: str) -> None:
+        self.refused += 1
+        if self.refused & (self.refused - 1) == 0:  # 1, 2, 4, 8 ...: a flood logs a few lines, not one each
+            self.log.warning("refused", peer=ip, reason=reason, refused_so_far=self.refused)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        except OSError:
+            pass
+        sock.close()
+
+    def _deadline(self, conn: Connection) -> tuple[float | None, str]:
+        return read_deadline(
+            time.monotonic(), conn.last_command, conn.line_started, self.limits.idle_timeout, self.limits.line_timeout
+        )
+
     def _watch(self, conn: Connection) -> None:
         loop = gevent.get_hub().loop
         conn.watcher = loop.io(conn.sock.fileno(), 1)
         conn.watcher.start(self._wake, conn)
-        if self.limits.idle_timeout:
-            # What is left of the idle time: parking again does not restart the clock.
-            left = self.limits.idle_timeout - (time.monotonic() - conn.last_bytes)
-            conn.timer = loop.timer(max(0.0, left))
-            conn.timer.start(self._idle_parked, conn)
+        left, reason = self._deadline(conn)
+        if left is not None:
+            # What is left of the time: parking again does not restart the clock.
+            conn.timer = loop.timer(left)
+            conn.timer.start(self._timed_out_parked, conn, reason)
 
     def _unpark(self, conn: Connection) -> None:
         conn.watcher.close()
@@ -152,16 +208,19 @@ class ClientPort:
         self._unpark(conn)
         self.handlers.spawn(self._handle, conn)
 
-    def _idle_parked(self, conn: Connection) -> None:
+    def _timed_out_parked(self, conn: Connection, reason: str) -> None:
         self._unpark(conn)
-        self.log.info("idle_timeout", conn=conn.id)
-        self._close(conn, "eof")
+        self._close(conn, reason)
 
     def _close(self, conn: Connection, reason: str) -> None:
-        self.connections.pop(conn.id, None)
+        if self.connections.pop(conn.id, None) is not None:
+            left = self.per_ip.get(conn.ip, 1) - 1
+            if left:
+                self.per_ip[conn.ip] = left
+            else:
+                self.per_ip.pop(conn.ip, None)
         self.log.info("close", conn=conn.id, reason=reason)
         conn.sock.close()
-        self._server.resume()
 
     def park_quiet_clients(self) -> None:
         """Every ``park_after`` s: park handlers that waited for bytes all along
@@ -192,6 +251,11 @@ class ClientPort:
             if self.stopping:
                 raise gevent.GreenletExit
             parked = self._serve(sock, conn)
+        except _TimedOut as exc:
+            reason = exc.reason
+            if reason == "write_timeout":
+                self.dropped_slow += 1
+                self.log.warning("write_timeout", conn=conn.id, peer=conn.peer)
         except OSError as exc:
             reason = errno.errorcode.get(exc.errno or 0, type(exc).__name__)
             if exc.errno not in QUIET_ERRNOS:
@@ -215,23 +279,28 @@ class ClientPort:
         if conn.splitter is None:
             conn.splitter = LineSplitter(self.limits.max_line_bytes)
         splitter = conn.splitter
-        idle = self.limits.idle_timeout or None
         while True:
+            left, reason = self._deadline(conn)
             conn.waiting = True
             try:
-                data = recv_chunk(sock, idle)
+                data = recv_chunk(sock, left)
             except _Park:
                 return True
             finally:
                 conn.waiting = False
             conn.active = True
-            if idle:
-                conn.last_bytes = time.monotonic()
             if data is None:
-                self.log.info("idle_timeout", conn=conn.id)
-                return False
+                raise _TimedOut(reason)
             items = splitter.feed(data) if data else splitter.finish()
+            now = time.monotonic()
+            if splitter.buffer or splitter.discarding:
+                if conn.line_started is None or items:
+                    conn.line_started = now  # a new unfinished line began in this chunk
+            else:
+                conn.line_started = None
             if items:
+                if any(item for item in items):  # blank lines are not commands
+                    conn.last_command = now
                 conn.busy = True
                 self._answer(sock, items, conn)
                 conn.busy = False
@@ -282,7 +351,11 @@ class ClientPort:
         """Write replies in command order, waiting for Places calls as they come."""
         self.node.persist()  # acknowledged records are in the state file first
         replies = [reply if isinstance(reply, bytes) else reply.get() for reply in pending]
-        write_all(sock, b"".join(replies))
+        # A client that reads nothing fills its send buffer: this write then waits, so
+        # the handler reads no more commands and starts no Places calls (TCP back-
+        # pressure), and after write_timeout s without progress the client is dropped.
+        with gevent.Timeout(self.limits.write_timeout, _TimedOut("write_timeout")):
+            write_all(sock, b"".join(replies))
         self.log.traffic("out", "conn", conn.id, "data", replies)
 
     def _dispatch(self, item: bytes | Overlong, conn: Connection) -> bytes | Greenlet | None:
@@ -294,6 +367,11 @@ class ClientPort:
             return None  # blank: no reply
         word = fields[0]
         if word == b"AT":
+            if not conn.may_send_at:
+                self.stats.at_refused += 1
+                if self.stats.at_refused & (self.stats.at_refused - 1) == 0:
+                    self.log.warning("at_refused", conn=conn.id, peer=conn.peer, refused_so_far=self.stats.at_refused)
+                return protocol.format_invalid(item.strip())
             echo = protocol.at_identity(fields)
             if echo is not None and self.store.holds(*echo):
                 # Flooding can bring an AT line to a server twice; the second copy is
@@ -309,13 +387,11 @@ class ClientPort:
 
 class _ClientServer(StreamServer):  # type: ignore[misc]  # gevent has no type stubs
     """Hands each accepted socket to ``ClientPort._park`` in the accept loop (no greenlet
-    yet) and stops accepting while ``max_connections`` clients are open (the rest wait
-    in the accept queue)."""
+    yet). It never stops accepting: past the limits ``_park`` refuses at once."""
 
     def __init__(self, port: ClientPort, listener: Any, park: Callable[[Any, Any], None], **kwargs: Any):
         super().__init__(listener, park, **kwargs)
         self.port = port
-        self.paused = False
 
     def do_handle(self, *args: Any) -> None:
         try:
@@ -325,13 +401,7 @@ class _ClientServer(StreamServer):  # type: ignore[misc]  # gevent has no type s
             raise
 
     def full(self) -> bool:
-        self.paused = len(self.port.connections) >= self.port.limits.max_connections
-        return self.paused
-
-    def resume(self) -> None:
-        if self.paused and self.started:
-            self.paused = False
-            self.start_accepting()
+        return False
 
 
 def _format_address(address: Any) -> str:

@@ -35,8 +35,11 @@ class ConfigError(Exception):
 @dataclass(frozen=True)
 class Limits:
     max_line_bytes: int = 8192
-    max_connections: int = 20000
-    idle_timeout: float = 0.0  # seconds; 0 keeps idle clients forever
+    max_connections: int = 0  # 0: derived from the file-descriptor limit (see limits.py)
+    max_connections_per_ip: int = 1000
+    line_timeout: float = 10.0  # seconds from a line's first byte to its newline; 0 = no limit
+    idle_timeout: float = 300.0  # seconds without a complete command before a client is closed; 0 = never
+    write_timeout: float = 30.0  # seconds a client may leave our replies unread before it is dropped
     shutdown_grace: float = 2.0  # seconds to let clients finish on stop
     park_after: float = 5.0  # seconds a quiet client keeps its greenlet (~9 KB) before it is parked
     max_clock_skew: float = 60.0  # seconds a client's time may be ahead of the server's clock
@@ -49,6 +52,7 @@ class PeerSettings:
     connect_timeout: float = 2.0
     write_timeout: float = 30.0  # a neighbor that reads nothing this long is dropped
     link_idle: float = 0.05  # seconds with nothing to send before a link's connection is closed
+    trusted: tuple[str, ...] = ()  # addresses of foreign peers whose AT lines are accepted
     sync_interval: float = 30.0  # seconds between reconciliations with each neighbor; 0 = never
 
 
@@ -86,6 +90,12 @@ class HerdConfig:
     log_level: str = "INFO"
     state_dir: str | None = None  # None: memory only (no state file)
     fsync: str = "interval"
+    secret_env: str = "HERD_SECRET"  # the environment variable holding the herd's shared secret(s)
+
+    def secrets(self, environ: Mapping[str, str]) -> tuple[bytes, ...]:
+        """The shared secrets, comma-separated in the variable: the first proves, any verifies."""
+        raw = environ.get(self.secret_env, "")
+        return tuple(part.strip().encode("utf-8") for part in raw.split(",") if part.strip())
     limits: Limits = field(default_factory=Limits)
     peers: PeerSettings = field(default_factory=PeerSettings)
     places: PlacesSettings = field(default_factory=PlacesSettings)
@@ -103,9 +113,14 @@ class HerdConfig:
         return None if self.state_dir is None else os.path.join(self.state_dir, f"{name}.state")
 
 
-_HERD_KEYS = {"host", "log_dir", "log_level", "state_dir", "fsync"}
-_LIMIT_KEYS = {"max_line_bytes", "max_connections", "idle_timeout", "shutdown_grace", "park_after", "max_clock_skew"}
-_PEER_KEYS = {"backoff_initial", "backoff_max", "connect_timeout", "write_timeout", "link_idle", "sync_interval"}
+_HERD_KEYS = {"host", "log_dir", "log_level", "state_dir", "fsync", "secret_env"}
+_LIMIT_KEYS = {
+    "max_line_bytes", "max_connections", "max_connections_per_ip", "line_timeout", "idle_timeout",
+    "write_timeout", "shutdown_grace", "park_after", "max_clock_skew",
+}  # fmt: skip
+_PEER_KEYS = {
+    "backoff_initial", "backoff_max", "connect_timeout", "write_timeout", "link_idle", "sync_interval", "trusted",
+}  # fmt: skip
 FSYNC_MODES = ("interval", "always", "never")
 NO_STATE = "-"  # state_dir = - : a memory-only herd
 _PLACES_KEYS = {"provider", "api_key_env", "base_url", "timeout", "connect_timeout", "pool_size", "field_mask"}
@@ -281,6 +296,7 @@ def load(path: str | os.PathLike[str]) -> HerdConfig:
         log_level=log_level,
         state_dir=_read_state_dir(reader, path),
         fsync=fsync,
+        secret_env=_read_secret_env(reader),
         limits=_read_limits(reader),
         peers=_read_peers(reader),
         places=_read_places(reader),
@@ -314,6 +330,26 @@ def prepare_log_dir(config: HerdConfig) -> None:
             raise ConfigError(config.path, "herd", key, f"{directory} is not writable")
 
 
+def _read_secret_env(reader: _Reader) -> str:
+    name = reader.get("herd", "secret_env", str, "HERD_SECRET", "a variable name")
+    if not name.isidentifier():
+        raise reader.error("herd", "secret_env", f"{name!r} is not an environment variable name")
+    return name
+
+
+def _read_trusted(reader: _Reader) -> tuple[str, ...]:
+    raw = reader.get("peers", "trusted", str, "", "a list of addresses")
+    addresses = []
+    for part in (p.strip() for p in raw.split(",")):
+        if not part:
+            continue
+        try:
+            addresses.append(str(ipaddress.ip_address(part)))
+        except ValueError:
+            raise reader.error("peers", "trusted", f"{part!r} is not an IP address") from None
+    return tuple(addresses)
+
+
 def _read_limits(reader: _Reader) -> Limits:
     if reader.parser.has_section("limits"):
         reader.check_keys("limits", _LIMIT_KEYS)
@@ -321,8 +357,13 @@ def _read_limits(reader: _Reader) -> Limits:
     return Limits(
         # 512 at least: a herd handshake line (HELLO) must fit.
         max_line_bytes=reader.integer("limits", "max_line_bytes", d.max_line_bytes, 512, 1 << 24),
-        max_connections=reader.integer("limits", "max_connections", d.max_connections, 1, 1_000_000),
+        max_connections=reader.integer("limits", "max_connections", d.max_connections, 0, 1_000_000),
+        max_connections_per_ip=reader.integer(
+            "limits", "max_connections_per_ip", d.max_connections_per_ip, 1, 1_000_000
+        ),
+        line_timeout=reader.number("limits", "line_timeout", d.line_timeout),
         idle_timeout=reader.number("limits", "idle_timeout", d.idle_timeout),
+        write_timeout=reader.number("limits", "write_timeout", d.write_timeout, minimum=0.001),
         shutdown_grace=reader.number("limits", "shutdown_grace", d.shutdown_grace),
         park_after=reader.number("limits", "park_after", d.park_after, minimum=0.01),
         max_clock_skew=reader.number("limits", "max_clock_skew", d.max_clock_skew),
@@ -340,6 +381,7 @@ def _read_peers(reader: _Reader) -> PeerSettings:
         write_timeout=reader.number("peers", "write_timeout", d.write_timeout, minimum=0.001),
         link_idle=reader.number("peers", "link_idle", d.link_idle, minimum=0.001),
         sync_interval=reader.number("peers", "sync_interval", d.sync_interval),
+        trusted=_read_trusted(reader),
     )
     if settings.backoff_max < settings.backoff_initial:
         raise reader.error("peers", "backoff_max", "must not be less than backoff_initial")

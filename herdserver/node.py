@@ -44,6 +44,7 @@ class Stats:
     at_received: int = 0
     at_stored: int = 0
     at_future: int = 0  # AT lines dropped: time too far ahead of our clock
+    at_refused: int = 0  # AT lines from connections not allowed to send them
     invalid: int = 0
     crashes: list[str] = field(default_factory=list)
 

@@ -36,7 +36,7 @@ import gevent
 from gevent.event import Event
 from gevent.queue import Empty, SimpleQueue
 
-from . import protocol, sync
+from . import auth, protocol, sync
 from .config import PeerSettings, ServerConfig
 from .logs import EventLog
 from .protocol import At, LineSplitter, Overlong
@@ -69,9 +69,11 @@ class Forwarder:
         node: Node,
         log: EventLog,
         boot_id: str,
+        secrets: tuple[bytes, ...] = (),
         rand: Callable[[], float] = random.random,
     ):
         self.neighbor = neighbor
+        self.secrets = secrets
         self.name = neighbor.name
         self.name_bytes = neighbor.name.encode("utf-8")
         self.settings = settings
@@ -216,8 +218,11 @@ class Forwarder:
             reader.kill(block=False)
 
     def _hello(self, sock: socket.socket) -> None:
-        nonce = new_token()
-        hello = b"HELLO %s %s %s %s" % (HELLO_VERSION, self.node.name_bytes, self.boot_id.encode(), nonce.encode())
+        """Say who we are; learn whether the neighbor is a herdserver; with a secret,
+        check its proof and send ours (the AT lines that follow need it)."""
+        nonce = new_token().encode()
+        me = self.node.name_bytes
+        hello = b"HELLO %s %s %s %s" % (HELLO_VERSION, me, self.boot_id.encode(), nonce)
         self._write(sock, hello + b"\n")
         reply = self._next_reply(self.settings.connect_timeout)
         if reply is None or reply[0] == b"?":
@@ -225,8 +230,15 @@ class Forwarder:
                 self.log.info("peer_foreign", neighbor=self.name)
             self.foreign = True  # another implementation: plain AT lines only
             return
-        if reply[0] != b"HELLO" or len(reply) < 5 or reply[1] != HELLO_VERSION or reply[2] != self.name_bytes:
+        if reply[0] != b"HELLO" or len(reply) != 6 or reply[1] != HELLO_VERSION or reply[2] != self.name_bytes:
             raise LinkDown(f"unexpected hello answer {b' '.join(reply[:3])!r}")
+        if self.secrets:
+            their_nonce, their_proof = reply[4], reply[5]
+            if not auth.verify(self.secrets, their_proof, b"responder", me, self.name_bytes, nonce, their_nonce):
+                self.log.error("auth_failed", neighbor=self.name, reason="the neighbor did not prove the secret")
+                raise LinkDown("the neighbor did not prove the shared secret")
+            ours = auth.proof(self.secrets[0], b"initiator", me, self.name_bytes, nonce, their_nonce)
+            self._write(sock, b"AUTH " + ours + b"\n")
         self.foreign = False
         boot = reply[3].decode("ascii", "replace")
         if self.peer_boot is not None and boot != self.peer_boot:
@@ -368,7 +380,7 @@ class Responder:
     is invalid, like any unknown command.
     """
 
-    WORDS = (b"HELLO", b"SYNC")
+    WORDS = (b"HELLO", b"AUTH", b"SYNC")
 
     def __init__(
         self,
@@ -377,8 +389,10 @@ class Responder:
         neighbors: tuple[str, ...],
         log: EventLog,
         on_hello: Callable[[str], None] = lambda name: None,
+        secrets: tuple[bytes, ...] = (),
     ):
         self.node = node
+        self.secrets = secrets
         self.on_hello = on_hello
         self.boot_id = boot_id.encode()
         self.names = {name.encode("utf-8"): name for name in neighbors}
@@ -386,10 +400,12 @@ class Responder:
         self.peer_boots: dict[str, bytes] = {}
         self.restarts_seen = 0
 
-    def answer(self, fields: list[bytes], item: bytes, conn: Any) -> bytes:
+    def answer(self, fields: list[bytes], item: bytes, conn: Any) -> bytes | None:
         if fields[0] == b"HELLO":
             return self._hello(fields, item, conn)
-        if conn.neighbor is None:
+        if fields[0] == b"AUTH":
+            return self._auth(fields, item, conn)
+        if conn.neighbor is None or not conn.may_send_at:
             return protocol.format_invalid(item.strip())
         command = sync.parse_sync(fields)
         if command is None:
@@ -416,4 +432,21 @@ class Responder:
         conn.peer_hello()
         self.on_hello(name)
         self.log.info("peer_hello", conn=conn.id, neighbor=name)
-        return b"HELLO %s %s %s %s -\n" % (HELLO_VERSION, self.node.name_bytes, self.boot_id, new_token().encode())
+        nonce = new_token().encode()
+        conn.nonces = (fields[2], fields[4], nonce)
+        me = self.node.name_bytes
+        ours = auth.proof(self.secrets[0], b"responder", fields[2], me, fields[4], nonce) if self.secrets else b"-"
+        return b"HELLO %s %s %s %s %s\n" % (HELLO_VERSION, me, self.boot_id, nonce, ours)
+
+    def _auth(self, fields: list[bytes], item: bytes, conn: Any) -> bytes | None:
+        """The initiator's proof: from now on this connection's AT lines count."""
+        if len(fields) != 2 or conn.nonces is None or not self.secrets:
+            return protocol.format_invalid(item.strip())
+        initiator, nonce_i, nonce_r = conn.nonces
+        conn.nonces = None  # one proof per hello: no second try on the same nonces
+        if not auth.verify(self.secrets, fields[1], b"initiator", initiator, self.node.name_bytes, nonce_i, nonce_r):
+            self.log.warning("auth_failed", conn=conn.id, neighbor=conn.neighbor, reason="bad proof")
+            return protocol.format_invalid(item.strip())
+        conn.may_send_at = True
+        self.log.info("peer_authenticated", conn=conn.id, neighbor=conn.neighbor)
+        return None

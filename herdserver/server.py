@@ -10,9 +10,11 @@
 
 from __future__ import annotations
 
+import os
+import resource
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import gevent
@@ -20,7 +22,8 @@ from gevent.event import Event
 from gevent.greenlet import Greenlet
 from gevent.pool import Group
 
-from . import logs
+from . import limits, logs
+from .auth import Trust, canonical_ip
 from .clients import ClientPort, Connection
 from .config import HerdConfig
 from .node import Node, Stats
@@ -47,6 +50,7 @@ class HerdServer:
         listener: socket.socket | None = None,
         provider: Provider | None = None,
         clock: Callable[[], int] = time.time_ns,
+        environ: Mapping[str, str] | None = None,
     ):
         self.config = config
         self.me = config.server(name)
@@ -62,12 +66,19 @@ class HerdServer:
         self.provider = provider if provider is not None else make_provider(config.places)
         self.node = Node(config, name, self.store, self.state, self.provider, self.log, clock)
         self.stats: Stats = self.node.stats
+        secrets = config.secrets(os.environ if environ is None else environ)
+        self.trust = Trust(secrets, herd_addresses(config), frozenset(config.peers.trusted))
         self.forwarders = {
-            neighbor: Forwarder(config.servers[neighbor], config.peers, self.node, self.log, self.boot_id)
+            neighbor: Forwarder(config.servers[neighbor], config.peers, self.node, self.log, self.boot_id, secrets)
             for neighbor in self.me.neighbors
         }
         self.node.outlets = list(self.forwarders.values())
-        self.responder = Responder(self.node, self.boot_id, tuple(config.servers), self.log, self._peer_said_hello)
+        others = tuple(n for n in config.servers if n != name)
+        self.responder = Responder(self.node, self.boot_id, others, self.log, self._peer_said_hello, secrets)
+        fd_limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        self.max_connections = limits.max_connections(
+            self.limits.max_connections, fd_limit, len(self.me.neighbors), config.places.pool_size
+        )
         self.clients = ClientPort(
             self.node,
             self.responder,
@@ -75,6 +86,8 @@ class HerdServer:
             self.log,
             listener if listener is not None else (self.me.host, self.me.port),
             backlog=None if listener is not None else 1024,
+            trust=self.trust,
+            max_connections=self.max_connections,
         )
         self._workers = Group()  # forwarders, the log flusher, the sweeper, compaction
         self._stopped = Event()
@@ -116,6 +129,8 @@ class HerdServer:
             neighbors=",".join(self.me.neighbors) or "-",
             provider=self.provider.name,
             boot=self.boot_id,
+            links="authenticated" if self.trust.authenticated else "by-address",
+            max_connections=self.max_connections,
         )
         for forwarder in self.forwarders.values():
             self._spawn_worker(forwarder.run)
@@ -177,3 +192,15 @@ class HerdServer:
 
     def places_call(self, record: At, radius_m: float, bound: int) -> dict[str, Any]:
         return self.node.places_call(record, radius_m, bound)
+
+
+def herd_addresses(config: HerdConfig) -> frozenset[str]:
+    """Every address the servers of herd.ini have (host names resolved once, at start)."""
+    found: set[str] = set()
+    for server in config.servers.values():
+        try:
+            infos = socket.getaddrinfo(server.host, server.port, type=socket.SOCK_STREAM)
+        except OSError:
+            continue  # not resolvable now: that server's lines are not accepted by address
+        found.update(canonical_ip(str(info[4][0])) for info in infos)
+    return frozenset(found)

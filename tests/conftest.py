@@ -120,6 +120,7 @@ class Herd:
     config: HerdConfig
     provider_factory: Callable[[str], Provider]
     clock: Callable[[], int] = time.time_ns
+    secrets: dict[str, str] = field(default_factory=dict)  # server -> its HERD_SECRET value
     servers: dict[str, HerdServer] = field(default_factory=dict)
     clients: list[LineClient] = field(default_factory=list)
     crashes: list[str] = field(default_factory=list)
@@ -134,9 +135,9 @@ class Herd:
         return client
 
     def start(self, name: str, listener: socket.socket | None = None) -> HerdServer:
-        server = HerdServer(
-            self.config, name, listener=listener, provider=self.provider_factory(name), clock=self.clock
-        )
+        environ = {"HERD_SECRET": self.secrets[name]} if name in self.secrets else {}
+        provider = self.provider_factory(name)
+        server = HerdServer(self.config, name, listener=listener, provider=provider, clock=self.clock, environ=environ)
         server.start()
         self.servers[name] = server
         return server
@@ -197,6 +198,7 @@ def make_herd(tmp_path: Path, fake_places: Any) -> Iterator[Callable[..., Herd]]
         wait_links: bool = True,
         state: bool = False,
         fsync: str = "never",
+        secret: str | dict[str, str] | None = None,
     ) -> Herd:
         topology = FIVE if topology is None else topology
         listeners = {name: _listen() for name in topology}
@@ -217,7 +219,8 @@ def make_herd(tmp_path: Path, fake_places: Any) -> Iterator[Callable[..., Herd]]
             places=places,
         )
         factory = provider_factory or (lambda name: GoogleNewProvider(config.places, TEST_KEY))
-        herd = Herd(config, factory, clock)
+        secrets = secret if isinstance(secret, dict) else {name: secret for name in topology} if secret else {}
+        herd = Herd(config, factory, clock, secrets)
         herds.append(herd)
         for name in topology:
             if start:

@@ -1,0 +1,48 @@
+"""Limits arithmetic, pure: how many clients a process can hold, and deadlines.
+
+Every client is a file descriptor. A server that accepts until ``accept()``
+fails with EMFILE can no longer open a link, a log or its state file, and
+stops answering anyone; so ``max_connections`` is derived from the
+descriptor limit, less what the server itself needs, unless set lower.
+"""
+
+from __future__ import annotations
+
+# Descriptors a server needs besides its clients: the listener, the HTTP port,
+# epoll, the hub's wake pipes and threadpool, stdio, the log, the state file and
+# its lock, a compaction file, and headroom to accept (and refuse) one more.
+BASE_RESERVE = 64
+PER_NEIGHBOR = 2  # a link connection out and one in
+
+
+def max_connections(configured: int, fd_limit: int, neighbors: int, places_pool: int) -> int:
+    """Clients one server may hold: ``configured`` (0 = no wish) capped by what the
+    descriptor limit leaves once links, Places connections and the server's own
+    files are counted."""
+    available = max(1, fd_limit - BASE_RESERVE - PER_NEIGHBOR * neighbors - places_pool)
+    return available if configured <= 0 else min(configured, available)
+
+
+def read_deadline(
+    now: float,
+    last_command: float,
+    line_started: float | None,
+    idle_timeout: float,
+    line_timeout: float,
+) -> tuple[float | None, str]:
+    """When a client's connection must be closed if nothing more arrives, and why.
+
+    ``idle``: no complete command for ``idle_timeout`` s (0 = never). ``line``: a
+    line begun at ``line_started`` not finished within ``line_timeout`` s of its
+    first byte (0 = never): trickling bytes does not reset it. Returns seconds
+    from ``now`` (never negative) or None for no deadline.
+    """
+    deadlines = []
+    if idle_timeout:
+        deadlines.append((last_command + idle_timeout, "idle_timeout"))
+    if line_timeout and line_started is not None:
+        deadlines.append((line_started + line_timeout, "line_timeout"))
+    if not deadlines:
+        return None, ""
+    when, reason = min(deadlines)
+    return max(0.0, when - now), reason

@@ -1,0 +1,252 @@
+"""Forgers and hogs: bounded times, authenticated links, who may send AT, connection and write limits."""
+
+from __future__ import annotations
+
+import os
+import resource
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import gevent
+import pytest
+
+from herdserver import auth, limits
+from herdserver.config import Limits, PeerSettings
+
+from .conftest import FAST_PEERS, Herd, LineClient, iamat, replace, wait_until
+from .test_cli import ROOT, free_ports
+
+KIWI = b"kiwi.cs.ucla.edu"
+
+
+def now_s(offset: float = 0.0) -> bytes:
+    return b"%.9f" % (time.time() + offset)
+
+
+def client_from(herd: Herd, name: str, source_ip: str) -> LineClient:
+    """A client whose connection comes from another loopback address."""
+    sock = socket.create_connection(herd.address(name), timeout=5, source_address=(source_ip, 0))
+    client = LineClient.__new__(LineClient)
+    client.sock, client.timeout, client.buffer = sock, 5.0, b""
+    herd.clients.append(client)
+    return client
+
+
+# ------------------------------------------------------------------ bounded times
+
+
+def test_a_time_far_in_the_future_cannot_pin_a_client(make_herd: Callable[..., Herd]) -> None:
+    herd = make_herd({"Alford": ["Ball"], "Ball": []})
+    client = herd.client("Alford")
+    pin = b"IAMAT victim +48.858370+002.294481 253402300799"  # the year 9999
+    assert client.ask(pin) == b"? " + pin + b"\n"
+    ahead = iamat(b"victim", t=now_s(+61))
+    assert client.ask(ahead) == b"? " + ahead + b"\n"
+    assert client.ask(iamat(b"victim", t=now_s(+50))).startswith(b"AT Alford -")  # within the skew
+    honest = client.ask(iamat(b"victim")).rstrip(b"\n")
+    assert herd.holds("Alford", b"victim") != honest  # the +50 s one is newer: that is the order
+    assert client.ask(b"IAMAT v +1+1 123456789012") == b"? IAMAT v +1+1 123456789012\n"  # 12 digits
+
+
+def test_an_at_line_from_a_neighbor_beyond_the_skew_is_dropped_not_forwarded(make_herd: Callable[..., Herd]) -> None:
+    herd = make_herd({"Alford": ["Ball"], "Ball": []})
+    client = herd.client("Alford")
+    future = b"AT Alford +0.000000000 victim +1+1 " + now_s(+3600)
+    client.send(future + b"\n" + b"AT Alford +0.000000000 marker +1+1 " + now_s() + b"\n")
+    wait_until(lambda: herd.holds("Ball", b"marker"), what="the marker record at Ball")
+    assert herd.holds("Alford", b"victim") is None and herd.holds("Ball", b"victim") is None
+    assert herd.servers["Alford"].stats.at_future == 1
+
+
+def test_an_at_line_naming_a_server_not_in_herd_ini_is_invalid(make_herd: Callable[..., Herd]) -> None:
+    herd = make_herd({"Alford": []})
+    forged = b"AT Mallory +0.0 victim +48.858370+002.294481 " + now_s()
+    assert herd.client("Alford").ask(forged) == b"? " + forged + b"\n"
+    assert herd.holds("Alford", b"victim") is None
+
+
+# ------------------------------------------------------------------ who may send AT lines
+
+
+def test_with_a_secret_a_plain_client_cannot_inject_but_the_herd_floods(make_herd: Callable[..., Herd]) -> None:
+    herd = make_herd(secret="s3cret")
+    forged = b"AT Alford +0.000000000 victim +48.858370+002.294481 " + now_s()
+    for name in herd.servers:
+        assert herd.client(name).ask(forged) == b"? " + forged + b"\n"
+    at = herd.client("Ball").ask(iamat()).rstrip(b"\n")
+    wait_until(lambda: all(herd.holds(n, KIWI) == at for n in herd.servers), what="the flood over authenticated links")
+    assert all(herd.holds(n, b"victim") is None for n in herd.servers)
+    text = (Path(herd.config.log_dir) / "Alford.log").read_text()
+    assert "s3cret" not in text and "event=peer_authenticated" in text
+
+
+def test_servers_with_different_secrets_do_not_link(make_herd: Callable[..., Herd]) -> None:
+    herd = make_herd({"Alford": ["Ball"], "Ball": []}, secret={"Alford": "one", "Ball": "two"}, wait_links=False)
+    herd.client("Alford").ask(iamat())
+    alford = herd.servers["Alford"]
+    log = Path(herd.config.log_dir) / "Alford.log"
+    wait_until(lambda: (alford.log.flush(), "event=auth_failed" in log.read_text())[1], what="auth_failed logged")
+    assert herd.holds("Ball", KIWI) is None
+
+
+def test_rotation_old_and_new_secrets_overlap(make_herd: Callable[..., Herd]) -> None:
+    # Mid-rotation: one server already proves with the new secret, the other still
+    # with the old; each accepts both, so the links stay up.
+    herd = make_herd({"Alford": ["Ball"], "Ball": []}, secret={"Alford": "new,old", "Ball": "old, new"})
+    at = herd.client("Alford").ask(iamat()).rstrip(b"\n")
+    wait_until(lambda: herd.holds("Ball", KIWI) == at, what="Alford's record at Ball")
+    at = herd.client("Ball").ask(iamat(b"other")).rstrip(b"\n")
+    wait_until(lambda: herd.holds("Alford", b"other") == at, what="Ball's record at Alford")
+
+
+def test_without_a_secret_only_herd_addresses_may_send_at(make_herd: Callable[..., Herd]) -> None:
+    herd = make_herd({"Alford": []})
+    line = b"AT Alford +0.000000000 kiwi +1+1 " + now_s()
+    assert client_from(herd, "Alford", "127.0.0.2").ask(line) == b"? " + line + b"\n"
+    herd.client("Alford").send(line + b"\n")  # 127.0.0.1: the herd's own address
+    wait_until(lambda: herd.holds("Alford", b"kiwi"), what="the AT line from a herd address")
+
+
+def test_trusted_foreign_peers_may_send_at_with_a_secret(make_herd: Callable[..., Herd]) -> None:
+    peers: PeerSettings = replace(FAST_PEERS, trusted=("127.0.0.3",))
+    herd = make_herd({"Alford": []}, peers=peers, secret="s")
+    line = b"AT Alford +0.000000000 kiwi +1+1 " + now_s()
+    assert herd.client("Alford").ask(line) == b"? " + line + b"\n"
+    client_from(herd, "Alford", "127.0.0.3").send(line + b"\n")
+    wait_until(lambda: herd.holds("Alford", b"kiwi"), what="the trusted peer's AT line")
+
+
+def test_proofs_bind_both_names_both_nonces_and_the_role() -> None:
+    p = auth.proof(b"k", b"initiator", b"A", b"B", b"n1", b"n2")
+    assert auth.verify((b"x", b"k"), p, b"initiator", b"A", b"B", b"n1", b"n2")
+    for args in [(b"responder", b"A", b"B", b"n1", b"n2"), (b"initiator", b"B", b"A", b"n1", b"n2"),
+                 (b"initiator", b"A", b"B", b"n2", b"n1"), (b"initiator", b"A", b"C", b"n1", b"n2")]:  # fmt: skip
+        assert not auth.verify((b"k",), p, *args)
+    assert not auth.verify((b"other",), p, b"initiator", b"A", b"B", b"n1", b"n2")
+
+
+# ------------------------------------------------------------------ connection limits
+
+
+def test_connections_per_address_are_capped(make_herd: Callable[..., Herd]) -> None:
+    herd = make_herd({"Alford": []}, limits=Limits(max_connections_per_ip=3, shutdown_grace=0.5))
+    server = herd.servers["Alford"]
+    hogs = [herd.client("Alford") for _ in range(3)]
+    wait_until(lambda: len(server.connections) == 3, what="three connections")
+    assert _closed_at_once(herd.client("Alford"))
+    assert len(server.connections) == 3
+    other = client_from(herd, "Alford", "127.0.0.2")  # another address is still served
+    assert other.ask(iamat()).startswith(b"AT Alford ")
+    assert hogs[0].ask(iamat(b"h")).startswith(b"AT Alford ")
+
+
+def _closed_at_once(client: LineClient) -> bool:
+    try:
+        return client.read_to_eof() == b""
+    except ConnectionResetError:
+        return True
+
+
+def test_a_trickled_line_must_complete_within_line_timeout(make_herd: Callable[..., Herd]) -> None:
+    herd = make_herd({"Alford": []}, limits=Limits(line_timeout=0.3, park_after=0.05, shutdown_grace=0.5))
+    trickler = herd.client("Alford")
+    started = time.monotonic()
+    sent = 0
+    with pytest.raises((BrokenPipeError, ConnectionResetError)):
+        for byte in b"IAMAT trickle +1+1 1" * 100:  # bounded: at most 2,000 bytes, 0.02 s apart
+            trickler.send(bytes([byte]))
+            sent += 1
+            gevent.sleep(0.02)
+    assert time.monotonic() - started < 5 and sent > 10  # cut while it kept sending
+    assert herd.client("Alford").ask(iamat()).startswith(b"AT Alford ")
+    herd.servers["Alford"].log.flush()
+    assert "reason=line_timeout" in (Path(herd.config.log_dir) / "Alford.log").read_text()
+
+
+def test_a_client_that_never_reads_stops_costing_and_is_dropped(make_herd: Callable[..., Herd], fake_places) -> None:
+    herd = make_herd({"Alford": []}, limits=Limits(write_timeout=0.5, shutdown_grace=0.5))
+    herd.client("Alford").ask(iamat())
+    hog = herd.client("Alford")
+    hog.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 65536)  # so the test's own kernel holds little
+    request = b"WHATSAT kiwi.cs.ucla.edu 50 20\n" * 100
+    sent = 0
+    hog.sock.settimeout(2.0)
+    try:
+        for _ in range(10_000):  # bounded (31 MB at most); the server stops reading long before
+            hog.sock.sendall(request)
+            sent += 100
+    except OSError:
+        pass  # held by back-pressure for 2 s, or dropped by the server (write_timeout)
+    assert sent < 100_000  # the server stopped reading its commands
+    assert len(fake_places.requests) < 1000  # and it did not ask Places for answers nobody reads
+    wait_until(lambda: herd.servers["Alford"].clients.dropped_slow == 1, what="the hog dropped")
+    assert herd.client("Alford").ask(iamat(b"honest")).startswith(b"AT Alford ")
+
+
+def test_max_connections_comes_from_the_descriptor_limit() -> None:
+    assert limits.max_connections(0, 1024, 2, 100) == 1024 - 64 - 4 - 100
+    assert limits.max_connections(50, 1024, 2, 100) == 50
+    assert limits.max_connections(5000, 1024, 2, 100) == 856
+    assert limits.max_connections(0, 10, 2, 100) == 1
+
+
+def test_a_server_at_its_descriptor_limit_refuses_and_keeps_serving(tmp_path: Path) -> None:
+    port = free_ports(1)[0]
+    ini = tmp_path / "herd.ini"
+    ini.write_text(
+        "[herd]\nlog_dir = logs\nstate_dir = -\n[places]\nprovider = google\napi_key_env = K\n"
+        f"base_url = http://127.0.0.1:9\npool_size = 4\n[server:Alford]\nport = {port}\n"
+    )
+
+    def low_limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (200, 200))
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "herdserver", "Alford", "--config", str(ini)],
+        cwd=ROOT, env=dict(os.environ, K="k"), stderr=subprocess.PIPE, preexec_fn=low_limit,
+    )  # fmt: skip
+    socks: list[socket.socket] = []
+    try:
+        wait_until(lambda: _connects(port), 10.0, what="the server to listen")
+        for i in range(300):  # more than the process has descriptors for
+            source = "127.0.0.%d" % (2 + i % 50)  # many addresses: the per-address cap is not what trips
+            try:
+                socks.append(socket.create_connection(("127.0.0.1", port), timeout=2, source_address=(source, 0)))
+            except ConnectionResetError:
+                pass  # the server accepted and reset it at once: full (the log says so, below)
+        with pytest.raises((ConnectionResetError, AssertionError)):
+            LineClient(("127.0.0.1", port)).ask(iamat())  # refused at once (reset or EOF): the server is full
+        for sock in socks[:150]:
+            sock.close()
+        wait_until(lambda: _answers(port), 5.0, what="an honest client served again")
+    finally:
+        for sock in socks:
+            sock.close()
+        proc.terminate()
+        _, err = proc.communicate(timeout=10)
+    assert b"Too many open files" not in err and b"EMFILE" not in err
+    log = (tmp_path / "logs" / "Alford.log").read_text()
+    assert "event=refused" in log and "reason=full" in log
+
+
+def _connects(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
+def _answers(port: int) -> bool:
+    try:
+        client = LineClient(("127.0.0.1", port), timeout=1)
+        ok = client.ask(iamat(b"honest")).startswith(b"AT Alford ")
+        client.close()
+        return ok
+    except (OSError, AssertionError):
+        return False
+
