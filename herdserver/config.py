@@ -67,12 +67,16 @@ def effective_provider(settings: PlacesSettings, environ: Mapping[str, str]) -> 
     return "google" if environ.get(settings.api_key_env) else "offline"
 
 
+HTTP_PORT_OFFSET = 1000  # the default http_port: the client port + 1000
+
+
 @dataclass(frozen=True)
 class ServerConfig:
     name: str
     host: str
     port: int
     neighbors: tuple[str, ...]
+    http_port: int = 0  # metrics, /status and the herd page; 0: no HTTP side (herd.ini's default: port + 1000)
 
 
 @dataclass(frozen=True)
@@ -92,6 +96,9 @@ class HerdConfig:
         return self.servers[name]
 
     def log_path(self, name: str) -> str:
+        """The server's log file, or ``-`` (standard output) when ``log_dir = -``."""
+        if self.log_dir == LOG_STDOUT:
+            return LOG_STDOUT
         return os.path.join(self.log_dir, f"{name}.log")
 
 
@@ -99,7 +106,8 @@ _HERD_KEYS = {"host", "log_dir", "log_level"}
 _LIMIT_KEYS = {"max_line_bytes", "max_connections", "idle_timeout", "shutdown_grace", "park_after"}
 _PEER_KEYS = {"backoff_initial", "backoff_max", "connect_timeout", "write_timeout"}
 _PLACES_KEYS = {"provider", "api_key_env", "base_url", "timeout", "connect_timeout", "pool_size", "field_mask"}
-_SERVER_KEYS = {"port", "neighbors", "host"}
+_SERVER_KEYS = {"port", "neighbors", "host", "http_port"}
+LOG_STDOUT = "-"  # [herd] log_dir = - : every server logs to its standard output
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
@@ -155,19 +163,26 @@ def _decimal_number(text: str) -> float:
     return float(text)
 
 
+_DNS_LABEL = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+
+
 def _check_host(reader: _Reader, section: str, key: str, host: str) -> str:
-    if not host or any(c.isspace() for c in host):
-        raise reader.error(section, key, f"{host!r} is not a host name or address")
+    """An IP address or a DNS name (RFC 1123 labels: letters, digits, inner hyphens),
+    such as a compose service name or a machine's FQDN."""
     try:
         ipaddress.ip_address(host)
+        return host
     except ValueError:
-        if not all(part and (part.isalnum() or "-" in part) for part in host.split(".")):
-            raise reader.error(section, key, f"{host!r} is not a host name or address") from None
+        pass
+    labels = host.split(".")
+    if not host or len(host) > 253 or not all(_DNS_LABEL.fullmatch(label) for label in labels):
+        raise reader.error(section, key, f"{host!r} is not a host name or address")
     return host
 
 
 def _read_servers(reader: _Reader, default_host: str) -> dict[str, ServerConfig]:
     raw: dict[str, tuple[str, int, list[str]]] = {}
+    http_ports: dict[str, int] = {}
     for section in reader.parser.sections():
         if not section.startswith("server:"):
             continue
@@ -181,6 +196,12 @@ def _read_servers(reader: _Reader, default_host: str) -> dict[str, ServerConfig]
         host = _check_host(reader, section, "host", reader.parser[section].get("host", default_host).strip())
         neighbors = [n.strip() for n in reader.parser[section].get("neighbors", "").split(",") if n.strip()]
         raw[name] = (host, port, neighbors)
+        if "http_port" in reader.parser[section]:
+            http_ports[name] = reader.integer(section, "http_port", 0, 0, 65535)
+        elif port + HTTP_PORT_OFFSET > 65535:
+            raise reader.error(section, "http_port", f"the default (port + {HTTP_PORT_OFFSET}) is past 65535: set it")
+        else:
+            http_ports[name] = port + HTTP_PORT_OFFSET
     if not raw:
         raise reader.error(None, None, "no [server:NAME] sections")
     links: dict[str, set[str]] = {name: set() for name in raw}
@@ -198,10 +219,23 @@ def _read_servers(reader: _Reader, default_host: str) -> dict[str, ServerConfig]
             # A link named on one side only is still a link both ways.
             links[name].add(neighbor)
             links[neighbor].add(name)
+    _check_http_ports(reader, raw, http_ports)
     return {
-        name: ServerConfig(name, host, port, tuple(sorted(links[name])))
+        name: ServerConfig(name, host, port, tuple(sorted(links[name])), http_ports[name])
         for name, (host, port, _) in raw.items()
     }
+
+
+def _check_http_ports(reader: _Reader, raw: dict[str, tuple[str, int, list[str]]], http_ports: dict[str, int]) -> None:
+    """An HTTP port must not be any server's client port or another server's HTTP port on the same host."""
+    taken = {(host, port): f"the client port of server {name}" for name, (host, port, _) in raw.items()}
+    for name, http_port in http_ports.items():
+        if not http_port:
+            continue
+        where = (raw[name][0], http_port)
+        if where in taken:
+            raise reader.error(f"server:{name}", "http_port", f"{where[0]}:{http_port} is already {taken[where]}")
+        taken[where] = f"the http_port of server {name}"
 
 
 def _parse_error(path: str, exc: configparser.Error) -> ConfigError:
@@ -255,7 +289,7 @@ def load(path: str | os.PathLike[str]) -> HerdConfig:
     log_dir = reader.get("herd", "log_dir", str, "logs", "a directory")
     if not log_dir:
         raise reader.error("herd", "log_dir", "must not be empty")
-    if not os.path.isabs(log_dir):
+    if log_dir != LOG_STDOUT and not os.path.isabs(log_dir):
         # Relative to the file, so a herd behaves the same from any directory.
         log_dir = os.path.join(os.path.dirname(os.path.abspath(path)), log_dir)
     log_level = reader.get("herd", "log_level", str.upper, "INFO", "a log level")
