@@ -50,6 +50,7 @@ class Forwarder:
         self.up = Event()  # set while the link is up (tests wait on it)
         self.lines_sent = 0
         self.links_made = 0
+        self.bytes_sent = 0  # observe: herd_at_bytes_total{direction="out"}
 
     # -- called from the server's greenlets -------------------------------------------
 
@@ -128,6 +129,7 @@ class Forwarder:
             with gevent.Timeout(self.settings.write_timeout, LinkDown("neighbor stopped reading")):
                 sock.sendall(memoryview(data)[sent:])
         self.lines_sent += len(lines)
+        self.bytes_sent += len(data)  # observe
         self.log.traffic("out", "neighbor", self.neighbor.name, "line", lines)
 
     def _drain(self, sock: socket.socket) -> None:

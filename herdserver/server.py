@@ -17,6 +17,7 @@ import itertools
 import logging
 import socket
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,7 +28,7 @@ from gevent.greenlet import Greenlet
 from gevent.pool import Group
 from gevent.server import StreamServer
 
-from . import logs, protocol
+from . import http, logs, metrics, protocol
 from .config import HerdConfig
 from .peers import Forwarder
 from .places import Provider, make_provider
@@ -77,6 +78,13 @@ class Stats:
     at_stored: int = 0
     invalid: int = 0
     crashes: list[str] = field(default_factory=list)
+    # -- read by metrics.py at scrape time (plain ints on the hot path, no prometheus calls) --
+    at_bytes_in: int = 0  # bytes of AT lines received (their newline included)
+    at_duplicate: int = 0  # AT lines dropped unparsed: byte-identical to the record held
+    overlong: int = 0  # lines over max_line_bytes
+    invalid_by: Counter[str] = field(default_factory=Counter)  # invalid commands by word (metrics.command_word)
+    durations: dict[str, metrics.Histogram] = field(default_factory=metrics.command_histograms)
+    places: metrics.PlacesStats = field(default_factory=metrics.PlacesStats)
 
 
 class HerdServer:
@@ -118,6 +126,8 @@ class HerdServer:
             self._park,
             backlog=None if listener is not None else 1024,
         )
+        # observe: metrics, /status and the herd page on [server:X] http_port (None when it is 0)
+        self.http = http.HttpFront(self) if self.me.http_port else None
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -126,6 +136,8 @@ class HerdServer:
         return self._server.server_host, self._server.server_port
 
     def start(self) -> None:
+        if self.http is not None:  # observe: first, so a taken http_port stops the start before anything runs
+            self.http.start()
         self._server.start()
         self.log.info(
             "start",
@@ -168,6 +180,8 @@ class HerdServer:
         self._clients.kill(timeout=1)
         self._calls.kill(timeout=1)
         self._workers.kill(timeout=1)
+        if self.http is not None:  # observe
+            self.http.stop()
         self.provider.close()
         self.log.info("stop", clients_left=len(self.connections), records=len(self.store))
         self.log.close()
@@ -339,11 +353,13 @@ class HerdServer:
         """Write replies in command order, waiting for Places calls as they come."""
         replies = [reply if isinstance(reply, bytes) else reply.get() for reply in pending]
         write_all(sock, b"".join(replies))
-        self.log.traffic("out", "conn", conn.id, "data", replies)
+        self.log.replies(conn.id, replies)  # observe: WHATSAT JSON whole only at DEBUG (was log.traffic("out", ...))
 
     def _dispatch(self, item: bytes | Overlong, conn: Connection) -> bytes | Greenlet | None:
         if isinstance(item, Overlong):
             self.stats.invalid += 1
+            self.stats.overlong += 1  # observe
+            self.stats.invalid_by["other"] += 1  # observe
             return protocol.overlong_reply(item)
         fields = item.split()
         if not fields:
@@ -353,14 +369,21 @@ class HerdServer:
             # Flooding brings most AT lines to a server twice; the second copy is
             # byte-identical to what it holds, so it is dropped without a parse.
             self.stats.at_received += 1
+            self.stats.at_duplicate += 1  # observe
+            self.stats.at_bytes_in += len(item) + 1  # observe
             if self.log.level <= logging.DEBUG:  # no kwargs dict on the hot path at INFO
                 self.log.debug("at_dropped", conn=conn.id, client=echo[0])
             return None
+        started = time.perf_counter()  # observe: herd_command_duration_seconds
         msg = protocol.parse_fields(fields, item)
         if isinstance(msg, IAmAt):
-            return self._iamat(msg)
+            reply = self._iamat(msg)
+            self.stats.durations["IAMAT"].observe(time.perf_counter() - started)  # observe
+            return reply
         if isinstance(msg, At):
+            self.stats.at_bytes_in += len(item) + 1  # observe
             self._at(msg, conn)
+            self.stats.durations["AT"].observe(time.perf_counter() - started)  # observe
             return None
         if isinstance(msg, WhatsAt):
             record = self.store.get(msg.client)
@@ -369,6 +392,7 @@ class HerdServer:
                 return self._calls.spawn(self._whatsat, msg, record)
             msg = Invalid(item.strip(), "unknown client")
         self.stats.invalid += 1
+        self.stats.invalid_by[metrics.command_word(fields[0])] += 1  # observe
         self.log.info("invalid", conn=conn.id, reason=msg.reason)
         return protocol.format_invalid(msg.line)
 
@@ -397,8 +421,11 @@ class HerdServer:
                 forwarder.offer(record.client, record.line)
 
     def _whatsat(self, msg: WhatsAt, record: At) -> bytes:
+        started = time.perf_counter()  # observe
         payload = self.places_call(record, msg.radius_m, msg.bound)
-        return protocol.format_whatsat_reply(record.line, payload)
+        reply = protocol.format_whatsat_reply(record.line, payload)
+        self.stats.durations["WHATSAT"].observe(time.perf_counter() - started)  # observe
+        return reply
 
     def places_call(self, record: At, radius_m: float, bound: int) -> dict[str, Any]:
         """Ask the provider; whatever happens, a payload in the legacy shape comes back."""
@@ -416,6 +443,7 @@ class HerdServer:
         if payload is None:
             payload = protocol.places_error("UNKNOWN_ERROR", f"Places did not answer within {deadline:g} s")
         payload = protocol.cut_results(payload, bound)
+        self.stats.places.observe(self.provider.name, str(payload.get("status")), time.perf_counter() - started)
         self.log.info(
             "places",
             provider=self.provider.name,
