@@ -13,12 +13,16 @@ import argparse  # noqa: E402
 import resource  # noqa: E402
 import signal  # noqa: E402
 import sys  # noqa: E402
+from typing import TYPE_CHECKING  # noqa: E402
 
 import gevent  # noqa: E402
 import gevent.event  # noqa: E402
 
 from . import __version__  # noqa: E402
 from .config import ConfigError, load  # noqa: E402
+
+if TYPE_CHECKING:
+    from .server import HerdServer
 
 EXIT_CONFIG = 2
 
@@ -48,6 +52,13 @@ def raise_fd_limit() -> None:
             pass
 
 
+def up_line(server: "HerdServer") -> str:
+    """``herdserver: Alford up on 127.0.0.1:12000 (http 127.0.0.1:13000), log /path/Alford.log``"""
+    http = "http %s:%d" % server.http.address if server.http is not None else "no http"
+    log = "standard output" if server.log.path == "-" else server.log.path
+    return "herdserver: %s up on %s:%d (%s), log %s" % (server.name, *server.address, http, log)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
@@ -68,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     stopping = gevent.event.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         gevent.signal_handler(signum, stopping.set)
+    gevent.signal_handler(signal.SIGHUP, server.log.reopen)  # observe: logrotate's postrotate
+    print(up_line(server), file=sys.stderr, flush=True)  # observe: one line once it is up
     stopping.wait()
     server.stop()
     return 0
