@@ -78,6 +78,15 @@ class ServerConfig:
     neighbors: tuple[str, ...]
     http_port: int = 0  # metrics, /status and the herd page; 0: no HTTP side (herd.ini's default: port + 1000)
 
+    @property
+    def reach(self) -> str:
+        """The host to connect to: a wildcard bind address is reached on loopback."""
+        return {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(self.host, self.host)
+
+    def http_url(self, path: str) -> str:
+        host = f"[{self.reach}]" if ":" in self.reach else self.reach
+        return f"http://{host}:{self.http_port}{path}"
+
 
 @dataclass(frozen=True)
 class HerdConfig:

@@ -34,7 +34,6 @@ from prometheus_client import CollectorRegistry, make_wsgi_app
 from .metrics import HerdCollector, connection_counts
 
 if TYPE_CHECKING:
-    from .config import ServerConfig
     from .server import HerdServer
 
 LINK_EVENTS = ("link_up", "link_down", "link_retry", "peer_said")
@@ -114,15 +113,6 @@ def status(server: HerdServer, front: HttpFront | None = None) -> dict[str, Any]
         "events": list(front.events) if front is not None else [],
         "ready": {"ok": ready, "reason": reason},
     }
-
-
-def _url(server: ServerConfig, path: str) -> str:
-    host = server.host
-    if host in ("0.0.0.0", "::"):  # listening everywhere: ask it on loopback
-        host = "127.0.0.1" if host == "0.0.0.0" else "::1"
-    if ":" in host:
-        host = f"[{host}]"
-    return f"http://{host}:{server.http_port}{path}"
 
 
 class HttpFront:
@@ -237,7 +227,7 @@ class HttpFront:
             elif not config.http_port:
                 answers[name] = {"name": name, "error": "no http_port"}
             else:
-                jobs[name] = gevent.spawn(self._fetch, _url(config, path))
+                jobs[name] = gevent.spawn(self._fetch, config.http_url(path))
         gevent.joinall(list(jobs.values()), timeout=FETCH_DEADLINE)
         for name, job in jobs.items():
             if job.successful():
