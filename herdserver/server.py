@@ -443,13 +443,14 @@ class HerdServer:
         if payload is None:
             payload = protocol.places_error("UNKNOWN_ERROR", f"Places did not answer within {deadline:g} s")
         payload = protocol.cut_results(payload, bound)
-        self.stats.places.observe(self.provider.name, str(payload.get("status")), time.perf_counter() - started)
+        elapsed = time.perf_counter() - started
+        self.stats.places.observe(self.provider.name, str(payload.get("status")), elapsed)  # observe
         self.log.info(
             "places",
             provider=self.provider.name,
             status=payload.get("status"),
             results=len(payload.get("results") or []),
-            ms="%.1f" % ((time.perf_counter() - started) * 1000),
+            ms="%.1f" % (elapsed * 1000),
         )
         return payload
 
