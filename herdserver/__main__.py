@@ -19,7 +19,7 @@ import gevent  # noqa: E402
 import gevent.event  # noqa: E402
 
 from . import __version__  # noqa: E402
-from .config import ConfigError, load  # noqa: E402
+from .config import LOG_STDOUT, ConfigError, load  # noqa: E402
 
 if TYPE_CHECKING:
     from .server import HerdServer
@@ -55,7 +55,7 @@ def raise_fd_limit() -> None:
 def up_line(server: "HerdServer") -> str:
     """``herdserver: Alford up on 127.0.0.1:12000 (http 127.0.0.1:13000), log /path/Alford.log``"""
     http = "http %s:%d" % server.http.address if server.http is not None else "no http"
-    log = "standard output" if server.log.path == "-" else server.log.path
+    log = "standard output" if server.log.path == LOG_STDOUT else server.log.path
     return "herdserver: %s up on %s:%d (%s), log %s" % (server.name, *server.address, http, log)
 
 

@@ -25,6 +25,8 @@ import traceback
 from collections.abc import Callable
 from typing import Any, TextIO
 
+from .config import LOG_STDOUT
+
 _NEEDS_QUOTES = re.compile(r'[^A-Za-z0-9_.:/@+\-,]')
 _ESCAPES = {"\\": "\\\\", '"': '\\"', "\n": "\\n", "\r": "\\r", "\t": "\\t"}
 
@@ -91,7 +93,7 @@ def fields(**values: Any) -> str:
 # (time_ns, event, who_key, who, key, values): one traffic record, a line per value;
 # event None: a preformatted line (everything but the time stamp) in ``values``.
 _Record = tuple[int, str | None, str | None, object, str | None, Any]
-STDOUT = "-"  # the path of a log that goes to standard output (config.LOG_STDOUT)
+STDOUT = LOG_STDOUT  # the path of a log that goes to standard output ([herd] log_dir = -)
 _SUMMARY = "\x00summary"  # a traffic record's key: replies, WHATSAT ones summarised (EventLog.replies)
 
 
@@ -206,11 +208,10 @@ class EventLog:
             if event is None:
                 out.append(stamp + values)
                 continue
+            head = f"{stamp} INFO {server} event={event} {who_key}={escape(who)} {'data' if key is _SUMMARY else key}="
             if key is _SUMMARY:
-                head = f"{stamp} INFO {server} event={event} {who_key}={escape(who)} data="
                 texts = [_summarise_reply(value) for value in values]
             else:
-                head = f"{stamp} INFO {server} event={event} {who_key}={escape(who)} {key}="
                 texts = [escaped.get(value) or escaped.setdefault(value, escape(value)) for value in values]
             out.append(head + ("\n" + head).join(texts) + "\n")
         return "".join(out)
