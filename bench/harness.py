@@ -269,6 +269,7 @@ class Herd:
     ports: dict[str, int]
     log_dir: Path
     children: dict[str, Child] = field(default_factory=dict)
+    http_ports: dict[str, int] = field(default_factory=dict)
 
     def pid(self, name: str) -> int:
         return self.children[name].pid
@@ -280,13 +281,15 @@ class Herd:
         return self.log_dir / f"{name}.log"
 
 
-def herd_ini(links: Mapping[str, list[str]], ports: Mapping[str, int], log_dir: Path, places_url: str) -> str:
+def herd_ini(links: Mapping[str, list[str]], ports: Mapping[str, int], log_dir: Path, places_url: str,
+             http_ports: Mapping[str, int] | None = None) -> str:
+    """No HTTP side (http_port = 0) unless ``http_ports`` name one."""
     lines = [
         "[herd]", f"host = {HOST}", f"log_dir = {log_dir}", "",
         "[places]", "provider = google", f"api_key_env = {KEY_ENV}", f"base_url = {places_url}", "timeout = 5", "",
     ]
     for name, neighbors in links.items():
-        lines += [f"[server:{name}]", f"port = {ports[name]}"]
+        lines += [f"[server:{name}]", f"port = {ports[name]}", f"http_port = {(http_ports or {}).get(name, 0)}"]
         if neighbors:
             lines.append(f"neighbors = {', '.join(neighbors)}")
         lines.append("")
@@ -309,15 +312,19 @@ class Lab:
         self.children.append(child)
         return child
 
-    def herd(self, name: str, links: Mapping[str, list[str]], listeners: Iterable[str] = ()) -> Herd:
-        """Write ``name``.ini for ``links`` (name -> neighbors) plus bench-owned ``listeners``."""
+    def herd(self, name: str, links: Mapping[str, list[str]], listeners: Iterable[str] = (),
+             http: bool = False) -> Herd:
+        """Write ``name``.ini for ``links`` (name -> neighbors) plus bench-owned ``listeners``;
+        ``http``: the servers of ``links`` serve their HTTP side (metrics) too."""
         everyone = {**links, **{listener: [] for listener in listeners if listener not in links}}
-        ports = dict(zip(everyone, free_ports(len(everyone)), strict=True))
+        free = free_ports(len(everyone) + (len(links) if http else 0))
+        ports = dict(zip(everyone, free, strict=False))
+        http_ports = dict(zip(links, free[len(everyone):], strict=False)) if http else {}
         log_dir = self.dir / f"{name}-logs"
         log_dir.mkdir()
         path = self.dir / f"{name}.ini"
-        path.write_text(herd_ini(everyone, ports, log_dir, self.places_url))
-        return Herd(name, path, ports, log_dir)
+        path.write_text(herd_ini(everyone, ports, log_dir, self.places_url, http_ports))
+        return Herd(name, path, ports, log_dir, http_ports=http_ports)
 
     def start_servers(self, herd: Herd, servers: Iterable[str]) -> None:
         for server in servers:

@@ -15,12 +15,16 @@ import os  # noqa: E402
 import resource  # noqa: E402
 import signal  # noqa: E402
 import sys  # noqa: E402
+from typing import TYPE_CHECKING  # noqa: E402
 
 import gevent  # noqa: E402
 import gevent.event  # noqa: E402
 
 from . import __version__  # noqa: E402
-from .config import ConfigError, load, prepare_log_dir  # noqa: E402
+from .config import LOG_STDOUT, ConfigError, load, prepare_log_dir  # noqa: E402
+
+if TYPE_CHECKING:
+    from .server import HerdServer
 
 EXIT_CONFIG = 2
 
@@ -88,6 +92,13 @@ def raise_fd_limit() -> None:
             pass
 
 
+def up_line(server: "HerdServer") -> str:
+    """``herdserver: Alford up on 127.0.0.1:12000 (http 127.0.0.1:13000), log /path/Alford.log``"""
+    http = "http %s:%d" % server.http.address if server.http is not None else "no http"
+    log = "standard output" if server.log.path == LOG_STDOUT else server.log.path
+    return "herdserver: %s up on %s:%d (%s), log %s" % (server.name, *server.address, http, log)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
@@ -117,6 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         print(f"herdserver: {args.name}: cannot start: {exc}", file=sys.stderr)
         return 1
+    gevent.signal_handler(signal.SIGHUP, server.log.reopen)  # logrotate's postrotate
+    print(up_line(server), file=sys.stderr, flush=True)  # one line once it is up
     stopping.wait()
     server.stop()
     return 0

@@ -26,7 +26,7 @@ from gevent.greenlet import Greenlet
 from gevent.pool import Group
 from gevent.server import StreamServer
 
-from . import protocol
+from . import metrics, protocol
 from .auth import Trust, canonical_ip
 from .config import Limits
 from .limits import read_deadline
@@ -129,6 +129,10 @@ class ClientPort:
     @property
     def address(self) -> tuple[str, int]:
         return self._server.server_host, self._server.server_port
+
+    @property
+    def listening(self) -> bool:
+        return bool(self._server.started) and not self.stopping
 
     def start(self) -> None:
         self._server.start()
@@ -356,11 +360,13 @@ class ClientPort:
         # pressure), and after write_timeout s without progress the client is dropped.
         with gevent.Timeout(self.limits.write_timeout, _TimedOut("write_timeout")):
             write_all(sock, b"".join(replies))
-        self.log.traffic("out", "conn", conn.id, "data", replies)
+        self.log.replies(conn.id, replies)  # a WHATSAT's JSON is logged whole only at DEBUG
 
     def _dispatch(self, item: bytes | Overlong, conn: Connection) -> bytes | Greenlet | None:
         if isinstance(item, Overlong):
             self.stats.invalid += 1
+            self.stats.overlong += 1
+            self.stats.invalid_by["other"] += 1
             return protocol.overlong_reply(item)
         fields = item.split()
         if not fields:
@@ -372,17 +378,23 @@ class ClientPort:
                 if self.stats.at_refused & (self.stats.at_refused - 1) == 0:
                     self.log.warning("at_refused", conn=conn.id, peer=conn.peer, refused_so_far=self.stats.at_refused)
                 return protocol.format_invalid(item.strip())
+            self.stats.at_bytes_in += len(item) + 1
             echo = protocol.at_identity(fields)
             if echo is not None and self.store.holds(*echo):
                 # Flooding can bring an AT line to a server twice; the second copy is
                 # byte-identical to what it holds, so it is dropped without a parse.
                 self.stats.at_received += 1
+                self.stats.at_duplicate += 1
                 if self.log.level <= logging.DEBUG:  # no kwargs dict on the hot path at INFO
                     self.log.debug("at_dropped", conn=conn.id, client=echo[0])
                 return None
         elif word in Responder.WORDS:
             return self.responder.answer(fields, item, conn)
-        return self.node.command(item, fields, conn.neighbor)
+        started = time.perf_counter()
+        reply = self.node.command(item, fields, conn.neighbor)
+        if word in (b"IAMAT", b"AT") and not (reply and reply[:1] == b"?"):
+            self.stats.durations[metrics.command_word(word)].observe(time.perf_counter() - started)
+        return reply
 
 
 class _ClientServer(StreamServer):  # type: ignore[misc]  # gevent has no type stubs

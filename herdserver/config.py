@@ -74,12 +74,25 @@ def effective_provider(settings: PlacesSettings, environ: Mapping[str, str]) -> 
     return "google" if environ.get(settings.api_key_env) else "offline"
 
 
+HTTP_PORT_OFFSET = 1000  # the default http_port: the client port + 1000
+
+
 @dataclass(frozen=True)
 class ServerConfig:
     name: str
     host: str
     port: int
     neighbors: tuple[str, ...]
+    http_port: int = 0  # metrics, /status and the herd page; 0: no HTTP side (herd.ini's default: port + 1000)
+
+    @property
+    def reach(self) -> str:
+        """The host to connect to: a wildcard bind address is reached on loopback."""
+        return {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(self.host, self.host)
+
+    def http_url(self, path: str) -> str:
+        host = f"[{self.reach}]" if ":" in self.reach else self.reach
+        return f"http://{host}:{self.http_port}{path}"
 
 
 @dataclass(frozen=True)
@@ -107,6 +120,9 @@ class HerdConfig:
         return self.servers[name]
 
     def log_path(self, name: str) -> str:
+        """The server's log file, or ``-`` (standard output) when ``log_dir = -``."""
+        if self.log_dir == LOG_STDOUT:
+            return LOG_STDOUT
         return os.path.join(self.log_dir, f"{name}.log")
 
     def state_path(self, name: str) -> str | None:
@@ -124,7 +140,8 @@ _PEER_KEYS = {
 FSYNC_MODES = ("interval", "always", "never")
 NO_STATE = "-"  # state_dir = - : a memory-only herd
 _PLACES_KEYS = {"provider", "api_key_env", "base_url", "timeout", "connect_timeout", "pool_size", "field_mask"}
-_SERVER_KEYS = {"port", "neighbors", "host"}
+_SERVER_KEYS = {"port", "neighbors", "host", "http_port"}
+LOG_STDOUT = "-"  # [herd] log_dir = - : every server logs to its standard output
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
@@ -180,19 +197,26 @@ def _decimal_number(text: str) -> float:
     return float(text)
 
 
+_DNS_LABEL = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+
+
 def _check_host(reader: _Reader, section: str, key: str, host: str) -> str:
-    if not host or any(c.isspace() for c in host):
-        raise reader.error(section, key, f"{host!r} is not a host name or address")
+    """An IP address or a DNS name (RFC 1123 labels: letters, digits, inner hyphens),
+    such as a compose service name or a machine's FQDN."""
     try:
         ipaddress.ip_address(host)
+        return host
     except ValueError:
-        if not all(part and (part.isalnum() or "-" in part) for part in host.split(".")):
-            raise reader.error(section, key, f"{host!r} is not a host name or address") from None
+        pass
+    labels = host.split(".")
+    if not host or len(host) > 253 or not all(_DNS_LABEL.fullmatch(label) for label in labels):
+        raise reader.error(section, key, f"{host!r} is not a host name or address")
     return host
 
 
 def _read_servers(reader: _Reader, default_host: str) -> dict[str, ServerConfig]:
     raw: dict[str, tuple[str, int, list[str]]] = {}
+    http_ports: dict[str, int] = {}
     for section in reader.parser.sections():
         if not section.startswith("server:"):
             continue
@@ -206,6 +230,12 @@ def _read_servers(reader: _Reader, default_host: str) -> dict[str, ServerConfig]
         host = _check_host(reader, section, "host", reader.parser[section].get("host", default_host).strip())
         neighbors = [n.strip() for n in reader.parser[section].get("neighbors", "").split(",") if n.strip()]
         raw[name] = (host, port, neighbors)
+        if "http_port" in reader.parser[section]:
+            http_ports[name] = reader.integer(section, "http_port", 0, 0, 65535)
+        elif port + HTTP_PORT_OFFSET > 65535:
+            raise reader.error(section, "http_port", f"the default (port + {HTTP_PORT_OFFSET}) is past 65535: set it")
+        else:
+            http_ports[name] = port + HTTP_PORT_OFFSET
     if not raw:
         raise reader.error(None, None, "no [server:NAME] sections")
     links: dict[str, set[str]] = {name: set() for name in raw}
@@ -223,10 +253,23 @@ def _read_servers(reader: _Reader, default_host: str) -> dict[str, ServerConfig]
             # A link named on one side only is still a link both ways.
             links[name].add(neighbor)
             links[neighbor].add(name)
+    _check_http_ports(reader, raw, http_ports)
     return {
-        name: ServerConfig(name, host, port, tuple(sorted(links[name])))
+        name: ServerConfig(name, host, port, tuple(sorted(links[name])), http_ports[name])
         for name, (host, port, _) in raw.items()
     }
+
+
+def _check_http_ports(reader: _Reader, raw: dict[str, tuple[str, int, list[str]]], http_ports: dict[str, int]) -> None:
+    """An HTTP port must not be any server's client port or another server's HTTP port on the same host."""
+    taken = {(host, port): f"the client port of server {name}" for name, (host, port, _) in raw.items()}
+    for name, http_port in http_ports.items():
+        if not http_port:
+            continue
+        where = (raw[name][0], http_port)
+        if where in taken:
+            raise reader.error(f"server:{name}", "http_port", f"{where[0]}:{http_port} is already {taken[where]}")
+        taken[where] = f"the http_port of server {name}"
 
 
 def _parse_error(path: str, exc: configparser.Error) -> ConfigError:
@@ -280,7 +323,7 @@ def load(path: str | os.PathLike[str]) -> HerdConfig:
     log_dir = reader.get("herd", "log_dir", str, "logs", "a directory")
     if not log_dir:
         raise reader.error("herd", "log_dir", "must not be empty")
-    if not os.path.isabs(log_dir):
+    if log_dir != LOG_STDOUT and not os.path.isabs(log_dir):
         # Relative to the file, so a herd behaves the same from any directory.
         log_dir = os.path.join(os.path.dirname(os.path.abspath(path)), log_dir)
     log_level = reader.get("herd", "log_level", str.upper, "INFO", "a log level")
@@ -320,7 +363,7 @@ def prepare_log_dir(config: HerdConfig) -> None:
     or written to. The entry points call this before starting anything (``load``
     itself leaves the file system alone)."""
     for key, directory in (("log_dir", config.log_dir), ("state_dir", config.state_dir)):
-        if directory is None:
+        if directory is None or (key == "log_dir" and directory == LOG_STDOUT):
             continue
         try:
             os.makedirs(directory, exist_ok=True)

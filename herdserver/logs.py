@@ -15,12 +15,17 @@ Warnings and errors are flushed at once.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
+import sys
 import time
 import traceback
+from collections.abc import Callable
 from typing import Any, TextIO
+
+from .config import LOG_STDOUT
 
 _NEEDS_QUOTES = re.compile(r'[^A-Za-z0-9_.:/@+\-,]')
 _ESCAPES = {"\\": "\\\\", '"': '\\"', "\n": "\\n", "\r": "\\r", "\t": "\\t"}
@@ -88,6 +93,22 @@ def fields(**values: Any) -> str:
 # (time_ns, event, who_key, who, key, values): one traffic record, a line per value;
 # event None: a preformatted line (everything but the time stamp) in ``values``.
 _Record = tuple[int, str | None, str | None, object, str | None, Any]
+STDOUT = LOG_STDOUT  # the path of a log that goes to standard output ([herd] log_dir = -)
+_SUMMARY = "\x00summary"  # a traffic record's key: replies, WHATSAT ones summarised (EventLog.replies)
+
+
+def _summarise_reply(reply: bytes) -> str:
+    """One reply as logged at INFO, escaped: a WHATSAT reply (AT line, JSON, empty line) as
+    ``"AT ...\\n" status=OK results=5``, any other reply (one line) whole."""
+    end = reply.find(b"\n")
+    if end < 0 or end == len(reply) - 1:
+        return escape(reply)  # one line: an AT reply or a "? " reply
+    try:
+        payload = json.loads(reply[end + 1:])
+        status, results = payload.get("status"), len(payload.get("results") or [])
+    except (ValueError, AttributeError, TypeError):
+        status, results = "unparsed", 0
+    return f"{escape(reply[:end + 1])} status={escape(status)} results={results}"
 
 
 class EventLog:
@@ -103,11 +124,15 @@ class EventLog:
     """
 
     def __init__(self, server: str, path: str, level: str = "INFO", max_buffer: int = 1 << 15):
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        self.path = path
+        self.path = path  # STDOUT ("-"): standard output
         self.server = escape(server)
         self.level: int = logging.getLevelNamesMapping()[level.upper()]
-        self.stream: TextIO | None = open(path, "a", encoding="utf-8", errors="backslashreplace")
+        self.stream: TextIO | None = self._open()
+        self.lines_written = 0  # herd_log_lines_total
+        self.lines_dropped = 0  # herd_log_lines_dropped_total: the write failed
+        # event name -> callback(event, values), called for that event whatever the level (http.py keeps
+        # recent link events this way); not for traffic, which never goes through _log.
+        self.watchers: dict[str, Callable[[str, dict[str, Any]], None]] = {}
         self.pending: list[_Record] = []
         self.buffered = 0  # about how many bytes ``pending`` will format to
         self.max_buffer = max_buffer
@@ -121,7 +146,30 @@ class EventLog:
             self._stamp = time.strftime("%Y-%m-%dT%H:%M:%S.", time.gmtime(second))
         return "%s%06dZ" % (self._stamp, micros)
 
+    def _open(self) -> TextIO:
+        if self.path == STDOUT:
+            return sys.stdout
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        return open(self.path, "a", encoding="utf-8", errors="backslashreplace")
+
+    def reopen(self) -> None:
+        """Write what is pending, close the file and open it again by name (SIGHUP, after
+        logrotate has moved it away). Standard output is left as it is."""
+        self.flush()
+        if self.stream is None or self.path == STDOUT:
+            return
+        try:
+            stream = self._open()
+        except OSError:
+            return  # keep writing to the old file rather than losing lines
+        self.stream.close()
+        self.stream = stream
+
     def _log(self, level: int, name: str, event: str, values: dict[str, Any], extra: str = "") -> None:
+        if self.watchers:
+            watcher = self.watchers.get(event)
+            if watcher is not None:
+                watcher(event, values)
         if level < self.level:
             return
         text = " ".join([f"{key}={escape(value)}" for key, value in values.items()])
@@ -142,6 +190,14 @@ class EventLog:
         if self.level <= logging.INFO and values:
             self._keep((time.time_ns(), event, who_key, who, key, values), 100 * len(values))
 
+    def replies(self, conn: int, replies: list[bytes]) -> None:
+        """``event=out conn=N data=...`` per reply. A WHATSAT reply's JSON body is logged whole
+        only at DEBUG; at INFO it is its AT line with the status and the number of results."""
+        if self.level <= logging.DEBUG:
+            self.traffic("out", "conn", conn, "data", replies)
+        elif self.level <= logging.INFO and replies:
+            self._keep((time.time_ns(), "out", "conn", conn, _SUMMARY, replies), 100 * len(replies))
+
     def _format(self, records: list[_Record]) -> str:
         server, out = self.server, []
         # A relayed AT line is logged three times (in, out, and its echo back in):
@@ -152,8 +208,11 @@ class EventLog:
             if event is None:
                 out.append(stamp + values)
                 continue
-            head = f"{stamp} INFO {server} event={event} {who_key}={escape(who)} {key}="
-            texts = [escaped.get(value) or escaped.setdefault(value, escape(value)) for value in values]
+            head = f"{stamp} INFO {server} event={event} {who_key}={escape(who)} {'data' if key is _SUMMARY else key}="
+            if key is _SUMMARY:
+                texts = [_summarise_reply(value) for value in values]
+            else:
+                texts = [escaped.get(value) or escaped.setdefault(value, escape(value)) for value in values]
             out.append(head + ("\n" + head).join(texts) + "\n")
         return "".join(out)
 
@@ -181,17 +240,20 @@ class EventLog:
             return
         records, self.pending, self.buffered = self.pending, [], 0
         data = self._format(records)
+        lines = data.count("\n")
         try:
             self.stream.write(data)
             self.stream.flush()
         except OSError:
-            pass  # disk full or gone: losing log lines must not stop the server
+            self.lines_dropped += lines  # disk full or gone: losing log lines must not stop the server
+        else:
+            self.lines_written += lines
 
     def close(self) -> None:
         self.flush()
-        if self.stream is not None:
+        if self.stream is not None and self.path != STDOUT:
             self.stream.close()
-            self.stream = None
+        self.stream = None
 
 
 def setup(server: str, path: str, level: str = "INFO") -> EventLog:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -18,7 +19,7 @@ import gevent
 from gevent.greenlet import Greenlet
 from gevent.pool import Group
 
-from . import protocol
+from . import metrics, protocol
 from .config import HerdConfig
 from .logs import EventLog
 from .places import Provider
@@ -47,6 +48,13 @@ class Stats:
     at_refused: int = 0  # AT lines from connections not allowed to send them
     invalid: int = 0
     crashes: list[str] = field(default_factory=list)
+    # -- read by metrics.py at scrape time (plain ints on the hot path, no prometheus calls) --
+    at_bytes_in: int = 0  # bytes of AT lines received (their newline included)
+    at_duplicate: int = 0  # AT lines dropped unparsed: byte-identical to the record held
+    overlong: int = 0  # lines over max_line_bytes
+    invalid_by: Counter[str] = field(default_factory=Counter)  # invalid commands by word (metrics.command_word)
+    durations: dict[str, metrics.Histogram] = field(default_factory=metrics.command_histograms)
+    places: metrics.PlacesStats = field(default_factory=metrics.PlacesStats)
 
 
 class Node:
@@ -82,6 +90,7 @@ class Node:
         now = self.clock()
         if msg.time_ns > now + self.skew_ns:
             self.stats.invalid += 1
+            self.stats.invalid_by["IAMAT"] += 1
             self.log.info("invalid", reason="time ahead of the server's clock", client=msg.client)
             return protocol.format_invalid(line.strip())
         self.stats.iamat += 1
@@ -95,6 +104,7 @@ class Node:
         self.stats.at_received += 1
         if msg.server not in self.known_servers:
             self.stats.invalid += 1
+            self.stats.invalid_by["AT"] += 1
             self.log.info("invalid", reason="AT names a server herd.ini does not list", server=msg.server)
             return protocol.format_invalid(line.strip())
         if msg.time_ns > self.clock() + self.skew_ns:
@@ -131,14 +141,18 @@ class Node:
         record = self.store.record(msg.client)
         if record is None:
             self.stats.invalid += 1
+            self.stats.invalid_by["WHATSAT"] += 1
             self.log.info("invalid", reason="unknown client")
             return protocol.format_invalid(line.strip())
         self.stats.whatsat += 1
         return self.calls.spawn(self._whatsat, msg, record)
 
     def _whatsat(self, msg: WhatsAt, record: At) -> bytes:
+        started = time.perf_counter()
         payload = self.places_call(record, msg.radius_m, msg.bound)
-        return protocol.format_whatsat_reply(record.line, payload)
+        reply = protocol.format_whatsat_reply(record.line, payload)
+        self.stats.durations["WHATSAT"].observe(time.perf_counter() - started)
+        return reply
 
     def places_call(self, record: At, radius_m: float, bound: int) -> dict[str, Any]:
         """Ask the provider; whatever happens, a payload in the legacy shape comes back."""
@@ -156,12 +170,14 @@ class Node:
         if payload is None:
             payload = protocol.places_error("UNKNOWN_ERROR", f"Places did not answer within {deadline:g} s")
         payload = protocol.cut_results(payload, bound)
+        elapsed = time.perf_counter() - started
+        self.stats.places.observe(self.provider.name, str(payload.get("status")), elapsed)
         self.log.info(
             "places",
             provider=self.provider.name,
             status=payload.get("status"),
             results=len(payload.get("results") or []),
-            ms="%.1f" % ((time.perf_counter() - started) * 1000),
+            ms="%.1f" % (elapsed * 1000),
         )
         return payload
 
@@ -181,5 +197,6 @@ class Node:
             return self.whatsat(msg, item)
         assert isinstance(msg, Invalid)
         self.stats.invalid += 1
+        self.stats.invalid_by[metrics.command_word(fields[0])] += 1
         self.log.info("invalid", reason=msg.reason)
         return protocol.format_invalid(msg.line)

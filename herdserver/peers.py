@@ -91,6 +91,8 @@ class Forwarder:
         self.connected = False
         self.lines_sent = 0
         self.links_made = 0  # connections opened
+        self.recoveries = 0  # times the link came back up after being down
+        self.bytes_sent = 0  # AT lines' bytes (herd_at_bytes_total{direction="out"})
         self.syncs = 0
         self.full_pushes = 0
         self.sync_bytes_sent = 0
@@ -109,6 +111,7 @@ class Forwarder:
     def peer_seen(self) -> None:
         """The neighbor connected to us and said hello: it is up."""
         self.seen.set()
+        self._mark_up()
 
     def request_sync(self) -> None:
         self.need_sync = True
@@ -142,7 +145,6 @@ class Forwarder:
             try:
                 self._session(sock)
             except (OSError, LinkDown, gevent.Timeout) as exc:
-                self.log.warning("link_down", neighbor=self.name, reason=_describe(exc))
                 self._mark_down(_describe(exc))
                 failures = 1
             finally:
@@ -179,14 +181,44 @@ class Forwarder:
         return sock
 
     def _mark_down(self, reason: str) -> None:
+        """The link's state, not a connection's: logged once per change."""
         if self.up.is_set() or not self.events or self.events[-1][1] != "down":
             self.events.append((time.time(), "down", reason))
+            self.log.warning("link_down", neighbor=self.name, reason=reason)
         self.up.clear()
 
     def _mark_up(self) -> None:
         if not self.up.is_set():
+            if self.events and self.events[-1][1] == "down":
+                self.recoveries += 1
             self.events.append((time.time(), "up", ""))
+            address = f"{self.neighbor.host}:{self.neighbor.port}"
+            self.log.info("link_up", neighbor=self.name, address=address, herdserver=self.foreign is False)
         self.up.set()
+
+    def neighbor_left(self) -> None:
+        """The neighbor said goodbye (it is stopping)."""
+        self._mark_down("the neighbor stopped")
+
+    def say_goodbye(self, timeout: float) -> None:
+        """Tell a herdserver neighbor we are stopping, so it shows the link down at once
+        (the forwarder greenlet is already gone; this is its last connection)."""
+        if self.foreign is not False:
+            return
+        with gevent.Timeout(timeout, False):
+            sock = socket.create_connection((self.neighbor.host, self.neighbor.port), timeout=timeout)
+            self._replies = SimpleQueue()
+            reader = gevent.spawn(self._read, sock)
+            try:
+                self._hello(sock)
+                self._write(sock, b"BYE\n")
+                sock.shutdown(socket.SHUT_WR)
+                reader.join(timeout)  # until the neighbor closes: it has read the goodbye
+            except (OSError, LinkDown):
+                pass
+            finally:
+                reader.kill(block=False)
+                sock.close()
 
     def _session(self, sock: socket.socket) -> None:
         """One connection: hello, then send until ``link_idle`` s pass with nothing to send."""
@@ -196,8 +228,7 @@ class Forwarder:
         reader = gevent.spawn(self._read, sock)
         try:
             self._hello(sock)
-            peer = "%s:%d" % sock.getpeername()[:2]
-            self.log.info("link_up", neighbor=self.name, address=peer, herdserver=not self.foreign)
+            self.log.info("link_open", neighbor=self.name, herdserver=not self.foreign)
             self._mark_up()
             while True:
                 if reader.dead:
@@ -313,8 +344,10 @@ class Forwarder:
     def _send(self, sock: socket.socket, lines: list[bytes]) -> None:
         if not lines:
             return
-        self._write(sock, b"\n".join(lines) + b"\n")
+        data = b"\n".join(lines) + b"\n"
+        self._write(sock, data)
         self.lines_sent += len(lines)
+        self.bytes_sent += len(data)
         self.log.traffic("out", "neighbor", self.name, "line", lines)
 
     def _write(self, sock: socket.socket, data: bytes) -> None:
@@ -380,7 +413,7 @@ class Responder:
     is invalid, like any unknown command.
     """
 
-    WORDS = (b"HELLO", b"AUTH", b"SYNC")
+    WORDS = (b"HELLO", b"AUTH", b"SYNC", b"BYE")
 
     def __init__(
         self,
@@ -390,8 +423,10 @@ class Responder:
         log: EventLog,
         on_hello: Callable[[str], None] = lambda name: None,
         secrets: tuple[bytes, ...] = (),
+        on_bye: Callable[[str], None] = lambda name: None,
     ):
         self.node = node
+        self.on_bye = on_bye
         self.secrets = secrets
         self.on_hello = on_hello
         self.boot_id = boot_id.encode()
@@ -407,6 +442,10 @@ class Responder:
             return self._auth(fields, item, conn)
         if conn.neighbor is None or not conn.may_send_at:
             return protocol.format_invalid(item.strip())
+        if fields[0] == b"BYE" and len(fields) == 1:
+            self.log.info("peer_bye", conn=conn.id, neighbor=conn.neighbor)
+            self.on_bye(conn.neighbor)
+            return None
         command = sync.parse_sync(fields)
         if command is None:
             return protocol.format_invalid(item.strip())

@@ -22,7 +22,7 @@ from gevent.event import Event
 from gevent.greenlet import Greenlet
 from gevent.pool import Group
 
-from . import limits, logs
+from . import http, limits, logs
 from .auth import Trust, canonical_ip
 from .clients import ClientPort, Connection
 from .config import HerdConfig
@@ -35,6 +35,7 @@ from .store import Store, time_of
 
 LOG_FLUSH_SECONDS = 0.05  # short: each flush formats what came in since, holding the loop that long
 COMPACT_CHECK_SECONDS = 5.0
+GOODBYE_SECONDS = 0.5  # at most this long telling neighbors we stop
 
 __all__ = ["Connection", "HerdServer", "Stats"]
 
@@ -74,7 +75,9 @@ class HerdServer:
         }
         self.node.outlets = list(self.forwarders.values())
         others = tuple(n for n in config.servers if n != name)
-        self.responder = Responder(self.node, self.boot_id, others, self.log, self._peer_said_hello, secrets)
+        self.responder = Responder(
+            self.node, self.boot_id, others, self.log, self._peer_said_hello, secrets, self._peer_said_bye
+        )
         fd_limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
         self.max_connections = limits.max_connections(
             self.limits.max_connections, fd_limit, len(self.me.neighbors), config.places.pool_size
@@ -92,6 +95,10 @@ class HerdServer:
         self._workers = Group()  # forwarders, the log flusher, the sweeper, compaction
         self._stopped = Event()
         self.started_at = 0.0
+        self.state_loaded = False
+        # Metrics, /status and the herd page on [server:X] http_port (None when it is 0);
+        # made before start() as it watches the log for link events.
+        self.http = http.HttpFront(self) if self.me.http_port else None
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -103,9 +110,15 @@ class HerdServer:
     def connections(self) -> dict[int, Connection]:
         return self.clients.connections
 
+    @property
+    def listening(self) -> bool:
+        return self.clients.listening
+
     def start(self) -> None:
         """Replay the state file, then listen, then start the forwarders."""
         self.started_at = time.time()
+        if self.http is not None:  # first: a taken http_port stops the start before anything runs
+            self.http.start()
         if self.state is not None:
             started = time.perf_counter()
             report = self.state.replay(self.store.offer_line)
@@ -122,6 +135,7 @@ class HerdServer:
             )
             self.state.start()
             self._spawn_worker(self._compact_when_needed)
+        self.state_loaded = True
         self.clients.start()
         self.log.info(
             "start",
@@ -141,6 +155,11 @@ class HerdServer:
         forwarder = self.forwarders.get(name)
         if forwarder is not None:
             forwarder.peer_seen()
+
+    def _peer_said_bye(self, name: str) -> None:
+        forwarder = self.forwarders.get(name)
+        if forwarder is not None:
+            forwarder.neighbor_left()
 
     def _spawn_worker(self, func: Callable[[], None]) -> None:
         greenlet = self._workers.spawn(func)
@@ -165,6 +184,12 @@ class HerdServer:
         self.clients.handlers.kill(timeout=1)
         self.node.calls.kill(timeout=1)
         self._workers.kill(timeout=1)
+        goodbyes = Group()
+        for forwarder in self.forwarders.values():
+            goodbyes.spawn(forwarder.say_goodbye, GOODBYE_SECONDS)
+        goodbyes.join(timeout=GOODBYE_SECONDS + 0.1)
+        if self.http is not None:
+            self.http.stop()
         self.provider.close()
         if self.state is not None:
             self.state.close()

@@ -160,6 +160,18 @@ class Herd:
             self.stop(name)
 
 
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct loopback ports that were free a moment ago (all bound at once, then released)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for sock in socks:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in socks]
+    finally:
+        for sock in socks:
+            sock.close()
+
+
 def _listen() -> socket.socket:
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -199,14 +211,17 @@ def make_herd(tmp_path: Path, fake_places: Any) -> Iterator[Callable[..., Herd]]
         state: bool = False,
         fsync: str = "never",
         secret: str | dict[str, str] | None = None,
+        http: bool = False,
     ) -> Herd:
+        """``http``: every server also serves its HTTP side (metrics, /status, ...) on a free port."""
         topology = FIVE if topology is None else topology
         listeners = {name: _listen() for name in topology}
+        http_ports = dict(zip(topology, free_ports(len(topology)), strict=True)) if http else {}
         servers = {}
         for name, neighbors in topology.items():
             port = listeners[name].getsockname()[1]
             links = set(neighbors) | {other for other, theirs in topology.items() if name in theirs}
-            servers[name] = ServerConfig(name, "127.0.0.1", port, tuple(sorted(links)))
+            servers[name] = ServerConfig(name, "127.0.0.1", port, tuple(sorted(links)), http_ports.get(name, 0))
         places = places or PlacesSettings(provider="google", base_url=fake_places.url, timeout=2.0)
         config = HerdConfig(
             path=str(tmp_path / "herd.ini"),

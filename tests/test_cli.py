@@ -14,24 +14,17 @@ from pathlib import Path
 import gevent
 import pytest
 
-from .conftest import TEST_KEY, LineClient, iamat, wait_until
+from .conftest import TEST_KEY, LineClient, free_ports, iamat, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 NAMES = ["Alford", "Ball", "Hamilton", "Holiday", "Welsh"]
 LINKS = {"Alford": "Hamilton, Welsh", "Ball": "Holiday, Welsh", "Hamilton": "Holiday", "Holiday": "", "Welsh": ""}
 
 
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
-def write_herd(tmp_path: Path, places_url: str, provider: str = "google") -> tuple[Path, dict[str, int]]:
+def write_herd(
+    tmp_path: Path, places_url: str, provider: str = "google", http_ports: dict[str, int] | None = None
+) -> tuple[Path, dict[str, int]]:
+    """A five-server herd file on free ports; no HTTP side unless ``http_ports`` are given."""
     ports = dict(zip(NAMES, free_ports(len(NAMES)), strict=True))
     text = (
         "[herd]\nhost = 127.0.0.1\nlog_dir = herdlogs   ; relative to this file\n\n"
@@ -40,6 +33,7 @@ def write_herd(tmp_path: Path, places_url: str, provider: str = "google") -> tup
     )
     for name in NAMES:
         text += f"\n[server:{name}]\nport = {ports[name]}\nneighbors = {LINKS[name]}\n"
+        text += f"http_port = {(http_ports or {}).get(name, 0)}\n"
     path = tmp_path / "herd.ini"
     path.write_text(text)
     return path, ports

@@ -45,11 +45,11 @@ def test_repository_herd_ini() -> None:
     cfg = config.load(REPO / "herd.ini")
     assert cfg.path == str(REPO / "herd.ini")
     assert cfg.servers == {
-        "Alford": ServerConfig("Alford", "127.0.0.1", 12000, ("Hamilton", "Welsh")),
-        "Ball": ServerConfig("Ball", "127.0.0.1", 12001, ("Holiday", "Welsh")),
-        "Hamilton": ServerConfig("Hamilton", "127.0.0.1", 12002, ("Alford", "Holiday")),
-        "Holiday": ServerConfig("Holiday", "127.0.0.1", 12003, ("Ball", "Hamilton")),
-        "Welsh": ServerConfig("Welsh", "127.0.0.1", 12004, ("Alford", "Ball")),
+        "Alford": ServerConfig("Alford", "127.0.0.1", 12000, ("Hamilton", "Welsh"), 13000),
+        "Ball": ServerConfig("Ball", "127.0.0.1", 12001, ("Holiday", "Welsh"), 13001),
+        "Hamilton": ServerConfig("Hamilton", "127.0.0.1", 12002, ("Alford", "Holiday"), 13002),
+        "Holiday": ServerConfig("Holiday", "127.0.0.1", 12003, ("Ball", "Hamilton"), 13003),
+        "Welsh": ServerConfig("Welsh", "127.0.0.1", 12004, ("Alford", "Ball"), 13004),
     }
     for name, server in cfg.servers.items():  # every link both ways
         for neighbor in server.neighbors:
@@ -93,8 +93,8 @@ port = 13001
 """
     cfg = config.load(write(tmp_path, text))
     assert cfg.servers == {
-        "A": ServerConfig("A", "127.0.0.1", 13000, ("B",)),
-        "B": ServerConfig("B", "127.0.0.1", 13001, ("A",)),
+        "A": ServerConfig("A", "127.0.0.1", 13000, ("B",), 14000),
+        "B": ServerConfig("B", "127.0.0.1", 13001, ("A",), 14001),
     }
     assert cfg.places == PlacesSettings(provider="offline", api_key_env="MY_KEY", base_url="", timeout=2.5)
     assert cfg.log_dir == str(tmp_path / "here")
@@ -264,7 +264,7 @@ def test_absolute_log_dir_is_kept(tmp_path: Path) -> None:
 
 def test_defaults_when_sections_are_missing(tmp_path: Path) -> None:
     cfg = config.load(write(tmp_path, "[server:Solo]\nport = 13000\n"))
-    assert cfg.servers == {"Solo": ServerConfig("Solo", "127.0.0.1", 13000, ())}
+    assert cfg.servers == {"Solo": ServerConfig("Solo", "127.0.0.1", 13000, (), 14000)}
     assert cfg.log_dir == str(tmp_path / "logs")
     assert cfg.places == PlacesSettings()
     assert cfg.limits == Limits()
@@ -323,3 +323,60 @@ def test_seconds_are_plain_decimals(tmp_path: Path, value: str) -> None:
     path.write_text(f"[places]\ntimeout = {value}\n[server:A]\nport = 1\n", encoding="utf-8")
     with pytest.raises(ConfigError, match=r"\[places\] timeout: .* is not a number"):
         config.load(path)
+
+
+def test_http_port_defaults_to_client_port_plus_1000_and_0_turns_it_off(tmp_path: Path) -> None:
+    cfg = config.load(write(tmp_path, TWO + "http_port = 0\n"))
+    assert cfg.servers["A"].http_port == 14000
+    assert cfg.servers["B"].http_port == 0
+
+
+def test_http_port_explicit(tmp_path: Path) -> None:
+    cfg = config.load(write(tmp_path, TWO + "http_port = 8080\n"))
+    assert cfg.servers["B"].http_port == 8080
+
+
+@pytest.mark.parametrize(
+    ("extra", "problem"),
+    [
+        ("http_port = 65536\n", "must be between 0 and 65535"),
+        ("http_port = -1\n", "must be between 0 and 65535"),
+        ("http_port = web\n", "'web' is not an integer"),
+        ("http_port = 13000\n", "127.0.0.1:13000 is already the client port of server A"),
+        ("http_port = 13001\n", "127.0.0.1:13001 is already the client port of server B"),
+        ("http_port = 14000\n", "127.0.0.1:14000 is already the http_port of server A"),
+    ],
+)
+def test_http_port_errors(tmp_path: Path, extra: str, problem: str) -> None:
+    path, message = error(tmp_path, TWO + extra)
+    assert message == f"{path}: [server:B] http_port: {problem}", message
+
+
+def test_http_port_default_past_65535_must_be_set(tmp_path: Path) -> None:
+    path, message = error(tmp_path, TWO.replace("port = 13001", "port = 65000"))
+    assert message == f"{path}: [server:B] http_port: the default (port + 1000) is past 65535: set it"
+    cfg = config.load(write(tmp_path, TWO.replace("port = 13001", "port = 65000") + "http_port = 0\n"))
+    assert cfg.servers["B"].http_port == 0
+
+
+def test_http_port_may_repeat_on_other_hosts(tmp_path: Path) -> None:
+    cfg = config.load(write(tmp_path, TWO + "host = 127.0.0.2\nhttp_port = 14000\n"))
+    assert cfg.servers["A"].http_port == cfg.servers["B"].http_port == 14000
+
+
+@pytest.mark.parametrize("host", ["alford", "herd-ball", "node1.herd.internal", "a", "x" * 63, "10.131.0.1", "::1"])
+def test_dns_names_and_addresses_are_hosts(tmp_path: Path, host: str) -> None:
+    cfg = config.load(write(tmp_path, TWO + f"host = {host}\n"))
+    assert cfg.servers["B"].host == host
+
+
+@pytest.mark.parametrize("host", ["-", "-a", "a-", "a..b", "x" * 64, "caf\u00e9", "a/b", "a:b"])
+def test_malformed_host_names_are_errors(tmp_path: Path, host: str) -> None:
+    path, message = error(tmp_path, TWO + f"host = {host}\n")
+    assert message == f"{path}: [server:B] host: {host!r} is not a host name or address", message
+
+
+def test_log_dir_dash_is_standard_output(tmp_path: Path) -> None:
+    cfg = config.load(write(tmp_path, TWO.replace("log_dir = logs", "log_dir = -")))
+    assert cfg.log_dir == "-"
+    assert cfg.log_path("A") == "-"

@@ -5,11 +5,12 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from bench.report import Section
-from bench.scenarios import connections, iamat, propagation, slow_neighbor, startup, whatsat
+from bench.scenarios import connections, iamat, metrics, propagation, slow_neighbor, startup, whatsat
 from bench.scenarios.common import Context
 
 SCENARIOS: dict[str, Callable[[Context], Section]] = {
     "iamat": iamat.run,
+    "metrics": metrics.run,
     "propagation": propagation.run,
     "connections": connections.run,
     "whatsat": whatsat.run,

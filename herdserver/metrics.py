@@ -1,0 +1,226 @@
+"""Prometheus metrics for one server, read from plain counters at scrape time.
+
+The hot path never touches ``prometheus_client``: a command costs an ``int += 1``
+on the server's ``Stats`` (server.py) and, for the timed ones, one ``bisect`` into
+a ``Histogram``'s bucket list. ``HerdCollector`` turns those numbers into metric
+families only when ``/metrics`` is scraped, into a registry of the server's own
+(several servers may share a process, as the tests do).
+"""
+
+from __future__ import annotations
+
+import math
+from bisect import bisect_left
+from collections import Counter
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from .server import HerdServer
+
+# Seconds. Commands take tens of microseconds (a WHATSAT: the Places call), Places calls milliseconds to seconds.
+COMMAND_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+                   1.0, 2.5, 5.0, 10.0)
+PLACES_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+COMMANDS = (b"IAMAT", b"WHATSAT", b"AT")
+PLACES_ERRORS_OK = frozenset({"OK", "ZERO_RESULTS"})  # every other status word is an error
+
+
+class Histogram:
+    """Bucket counts kept the cheap way: ``observe`` is one bisect and two additions."""
+
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]):
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last one is +Inf
+        self.sum = 0.0
+
+    def observe(self, seconds: float) -> None:
+        # bisect_left: a value equal to a bound belongs to that bucket (Prometheus "le").
+        self.counts[bisect_left(self.bounds, seconds)] += 1
+        self.sum += seconds
+
+    @property
+    def count(self) -> int:
+        return sum(self.counts)
+
+    def cumulative(self) -> list[tuple[str, float]]:
+        """``(le, count of observations <= le)`` pairs, ending with ``+Inf``."""
+        out: list[tuple[str, float]] = []
+        total = 0
+        for bound, count in zip((*self.bounds, math.inf), self.counts, strict=True):
+            total += count
+            out.append(("+Inf" if bound == math.inf else repr(bound), total))
+        return out
+
+
+def command_histograms() -> dict[str, Histogram]:
+    return {name.decode(): Histogram(COMMAND_BUCKETS) for name in COMMANDS}
+
+
+class PlacesStats:
+    """Places calls by (provider, status) and their durations (not on the hot path: a call takes ms)."""
+
+    def __init__(self) -> None:
+        self.requests: Counter[tuple[str, str]] = Counter()
+        self.seconds = Histogram(PLACES_BUCKETS)
+
+    def observe(self, provider: str, status: str, seconds: float) -> None:
+        self.requests[provider, status] += 1
+        self.seconds.observe(seconds)
+
+    def summary(self) -> dict[str, Any]:
+        total = sum(self.requests.values())
+        errors = sum(n for (_, status), n in self.requests.items() if status not in PLACES_ERRORS_OK)
+        by_status: Counter[str] = Counter()
+        for (_, status), n in self.requests.items():
+            by_status[status] += n
+        return {
+            "requests": total,
+            "errors": errors,
+            "error_rate": errors / total if total else 0.0,
+            "by_status": dict(by_status),
+            "seconds_sum": self.seconds.sum,
+        }
+
+
+def command_word(first_field: bytes) -> str:
+    """The label of a command for ``herd_commands_total``: a known word, else ``other``."""
+    return first_field.decode() if first_field in COMMANDS else "other"
+
+
+def command_counts(server: HerdServer) -> dict[tuple[str, str], int]:
+    """``(command, result)`` -> how many, from the server's plain counters."""
+    stats = server.stats
+    counts: dict[tuple[str, str], int] = {
+        ("IAMAT", "ok"): stats.iamat,
+        ("WHATSAT", "ok"): stats.whatsat,
+        ("AT", "stored"): stats.at_stored,
+        ("AT", "dropped"): stats.at_received - stats.at_stored,
+    }
+    for word, n in stats.invalid_by.items():
+        counts[word, "invalid"] = n
+    return counts
+
+
+def connection_counts(server: HerdServer) -> tuple[int, int]:
+    """(open, parked): every open client connection, and how many of them are parked."""
+    connections = list(server.connections.values())
+    return len(connections), sum(1 for conn in connections if conn.watcher is not None)
+
+
+class HerdCollector(Collector):
+    """Reads one server's counters at scrape time (no Counter.inc() anywhere)."""
+
+    def __init__(self, server: HerdServer):
+        self.server = server
+
+    def collect(self) -> Iterator[Metric]:
+        from .http import link_states  # the one place that knows what "a link is up" means
+
+        server, stats = self.server, self.server.stats
+        commands = CounterMetricFamily(
+            "herd_commands_total", "Commands handled, by command word and result", labels=["command", "result"]
+        )
+        for (command, result), n in sorted(command_counts(server).items()):
+            commands.add_metric([command, result], n)
+        yield commands
+
+        durations = HistogramMetricFamily(
+            "herd_command_duration_seconds",
+            "Time to handle a command, reply ready (WHATSAT: including the Places call)",
+            labels=["command"],
+        )
+        for command, hist in stats.durations.items():
+            durations.add_metric([command], hist.cumulative(), hist.sum)
+        yield durations
+
+        yield GaugeMetricFamily("herd_records", "Client records held", value=len(server.store))
+        opened, parked = connection_counts(server)
+        connections = GaugeMetricFamily(
+            "herd_connections", "Client connections: open (all), parked (those of them waiting on a watcher)",
+            labels=["state"],
+        )
+        connections.add_metric(["open"], opened)
+        connections.add_metric(["parked"], parked)
+        yield connections
+
+        links = link_states(server)
+        link_up = GaugeMetricFamily("herd_link_up", "1 while the link to the neighbor is up", labels=["neighbor"])
+        reconnects = CounterMetricFamily(
+            "herd_link_reconnects_total", "Times the link came back up after it was down", labels=["neighbor"]
+        )
+        connections_made = CounterMetricFamily(
+            "herd_link_connections_total",
+            "Connections opened to the neighbor (links connect on demand and close when idle)",
+            labels=["neighbor"],
+        )
+        syncs = CounterMetricFamily(
+            "herd_syncs_total",
+            "Reconciliations this server started with the neighbor (digest: herdserver neighbors, sending only"
+            " what differs; full: every record as plain AT lines, to another implementation)",
+            labels=["neighbor", "kind"],
+        )
+        at_lines = CounterMetricFamily(
+            "herd_at_lines_total",
+            "AT lines sent to each neighbor (out) and received (in; an AT line names no sender, so neighbor is empty)",
+            labels=["direction", "neighbor"],
+        )
+        at_lines.add_metric(["in", ""], stats.at_received)
+        for name, link in links.items():
+            link_up.add_metric([name], 1 if link["up"] else 0)
+            reconnects.add_metric([name], link["recoveries"])
+            connections_made.add_metric([name], link["links_made"])
+            syncs.add_metric([name, "digest"], link["syncs"])
+            syncs.add_metric([name, "full"], link["full_pushes"])
+            at_lines.add_metric(["out", name], link["lines_sent"])
+        yield from (link_up, reconnects, connections_made, syncs, at_lines)
+
+        at_bytes = CounterMetricFamily("herd_at_bytes_total", "Bytes of AT lines", labels=["direction"])
+        at_bytes.add_metric(["in"], stats.at_bytes_in)
+        at_bytes.add_metric(["out"], sum(link["bytes_sent"] for link in links.values()))
+        yield at_bytes
+
+        places = CounterMetricFamily(
+            "herd_places_requests_total", "Places calls by provider and status word", labels=["provider", "status"]
+        )
+        for (provider, status), n in sorted(stats.places.requests.items()):
+            places.add_metric([provider, status], n)
+        yield places
+        places_seconds = HistogramMetricFamily("herd_places_duration_seconds", "Time a Places call took")
+        places_seconds.add_metric([], stats.places.seconds.cumulative(), stats.places.seconds.sum)
+        yield places_seconds
+
+        dropped = CounterMetricFamily(
+            "herd_dropped_lines_total",
+            "Lines that changed nothing: AT lines already held (duplicate), older (stale), too far in the future"
+            " (future) or from a connection not allowed to send them (forged); over-long lines",
+            labels=["reason"],
+        )
+        dropped.add_metric(["duplicate"], stats.at_duplicate)
+        dropped.add_metric(["stale"], max(0, stats.at_received - stats.at_stored - stats.at_duplicate - stats.at_future))
+        dropped.add_metric(["future"], stats.at_future)
+        dropped.add_metric(["forged"], stats.at_refused)
+        dropped.add_metric(["overlong"], stats.overlong)
+        yield dropped
+        clients = server.clients
+        yield CounterMetricFamily(
+            "herd_connections_refused_total", "Client connections refused (server full, or too many from one address)",
+            value=clients.refused,
+        )
+        yield CounterMetricFamily(
+            "herd_clients_dropped_slow_total", "Clients dropped for leaving replies unread past write_timeout",
+            value=clients.dropped_slow,
+        )
+
+        yield CounterMetricFamily("herd_log_lines_total", "Log lines written", value=server.log.lines_written)
+        yield CounterMetricFamily(
+            "herd_log_lines_dropped_total", "Log lines lost (the write failed)", value=server.log.lines_dropped
+        )
+        yield CounterMetricFamily(
+            "herd_worker_crashes_total", "Greenlets and connections that died of a bug", value=len(stats.crashes)
+        )
