@@ -202,7 +202,8 @@ class HerdCollector(Collector):
             labels=["reason"],
         )
         dropped.add_metric(["duplicate"], stats.at_duplicate)
-        dropped.add_metric(["stale"], max(0, stats.at_received - stats.at_stored - stats.at_duplicate - stats.at_future))
+        stale = stats.at_received - stats.at_stored - stats.at_duplicate - stats.at_future
+        dropped.add_metric(["stale"], max(0, stale))
         dropped.add_metric(["future"], stats.at_future)
         dropped.add_metric(["forged"], stats.at_refused)
         dropped.add_metric(["overlong"], stats.overlong)
