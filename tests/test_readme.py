@@ -30,3 +30,38 @@ def test_default_herd_needs_no_key_and_no_network() -> None:
     herd = config.load(ROOT / "herd.ini")
     assert config.effective_provider(herd.places, {}) == "offline"
     assert {(s.host, s.port) for s in herd.servers.values()} == {("127.0.0.1", p) for p in range(12000, 12005)}
+
+
+def test_the_grading_scripts_server_py_in_the_readme_runs_a_server(tmp_path: Path) -> None:
+    import os
+    import re
+    import subprocess
+    import sys
+
+    from .conftest import LineClient, iamat, wait_until
+    from .test_cli import free_ports
+
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    code = re.search(r"```python\n(# server.py: what the grading scripts run.*?)```", text, re.S)
+    assert code is not None
+    (tmp_path / "server.py").write_text(code.group(1))
+    port = free_ports(1)[0]
+    (tmp_path / "herd.ini").write_text(
+        f"[places]\nprovider = google\napi_key_env = K\nbase_url = http://127.0.0.1:9\n[server:Alford]\nport = {port}\n"
+    )
+    env = dict(os.environ, K="k", PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen([sys.executable, "server.py", "Alford"], cwd=tmp_path, env=env, stderr=subprocess.PIPE)
+    try:
+
+        def answers() -> bool:
+            try:
+                return LineClient(("127.0.0.1", port), timeout=2).ask(iamat()).startswith(b"AT Alford ")
+            except (OSError, AssertionError):
+                return proc.poll() is not None  # stop waiting if it died (asserted below)
+
+        wait_until(answers, 15.0, what="the README's server.py to answer")
+        assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+        assert (tmp_path / "state" / "Alford.state").exists()  # the herd.ini beside it, with its defaults
+    finally:
+        proc.terminate()
+        proc.wait(10)
