@@ -99,6 +99,8 @@ class Forwarder:
         self.sync_bytes_received = 0
         self.events: deque[tuple[float, str, str]] = deque(maxlen=EVENTS_KEPT)
         self._replies: SimpleQueue[Any] = SimpleQueue()
+        self._awaiting_hello = False
+        self._sockaddr: tuple[int, Any] | None = None  # (family, address), resolved once
         self._next_periodic = self._periodic_deadline()
 
     # -- called from the server's greenlets -------------------------------------------
@@ -111,6 +113,8 @@ class Forwarder:
     def peer_seen(self) -> None:
         """The neighbor connected to us and said hello: it is up."""
         self.seen.set()
+        if self.foreign is None:
+            self.foreign = False  # it said HELLO: a herdserver
         self._mark_up()
 
     def request_sync(self) -> None:
@@ -168,11 +172,29 @@ class Forwarder:
                 continue
             self.wake.wait(min(left, 3600.0))
 
+    def _resolve(self) -> tuple[int, Any]:
+        """The neighbor's socket address, looked up once (again after a failure).
+
+        Links connect often (on demand), and gevent's resolver answers from a thread
+        pool: a lookup per connection cost milliseconds on an idle link's first hop."""
+        if self._sockaddr is None:
+            family, _, _, _, address = socket.getaddrinfo(
+                self.neighbor.host, self.neighbor.port, type=socket.SOCK_STREAM
+            )[0]
+            self._sockaddr = (family, address)
+        return self._sockaddr
+
     def _connect(self, failures: int) -> socket.socket | None:
-        address = (self.neighbor.host, self.neighbor.port)
+        sock = None
         try:
-            sock = socket.create_connection(address, timeout=self.settings.connect_timeout)
+            family, address = self._resolve()
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            sock.settimeout(self.settings.connect_timeout)
+            sock.connect(address)
         except OSError as exc:
+            if sock is not None:
+                sock.close()
+            self._sockaddr = None  # the name may point elsewhere by the next try
             if failures == 0:  # one line per outage, not one per retry
                 self.log.info("link_retry", neighbor=self.name, reason=_describe(exc))
             return None
@@ -182,7 +204,7 @@ class Forwarder:
 
     def _mark_down(self, reason: str) -> None:
         """The link's state, not a connection's: logged once per change."""
-        if self.up.is_set() or not self.events or self.events[-1][1] != "down":
+        if self.up.is_set():  # a link never up (a neighbor not started yet) is not "lost"
             self.events.append((time.time(), "down", reason))
             self.log.warning("link_down", neighbor=self.name, reason=reason)
         self.up.clear()
@@ -206,7 +228,9 @@ class Forwarder:
         if self.foreign is not False:
             return
         with gevent.Timeout(timeout, False):
-            sock = socket.create_connection((self.neighbor.host, self.neighbor.port), timeout=timeout)
+            sock = self._connect(failures=1)  # quiet: a neighbor already gone is no news
+            if sock is None:
+                return
             self._replies = SimpleQueue()
             reader = gevent.spawn(self._read, sock)
             try:
@@ -254,8 +278,12 @@ class Forwarder:
         nonce = new_token().encode()
         me = self.node.name_bytes
         hello = b"HELLO %s %s %s %s" % (HELLO_VERSION, me, self.boot_id.encode(), nonce)
-        self._write(sock, hello + b"\n")
-        reply = self._next_reply(self.settings.connect_timeout)
+        self._awaiting_hello = True  # its answer (HELLO, or "? HELLO ..." from another implementation) is next
+        try:
+            self._write(sock, hello + b"\n")
+            reply = self._next_reply(self.settings.connect_timeout)
+        finally:
+            self._awaiting_hello = False
         if reply is None or reply[0] == b"?":
             if self.foreign is not True:
                 self.log.info("peer_foreign", neighbor=self.name)
@@ -391,7 +419,7 @@ class Forwarder:
                     self.node.at(msg, item, self.name)
                     stored = True
                     continue
-            if fields[0] == b"?" and self.foreign is not None:
+            if fields[0] == b"?" and not self._awaiting_hello:
                 self.log.warning("peer_said", neighbor=self.name, data=item[:512])
                 continue
             self._replies.put(fields)

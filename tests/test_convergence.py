@@ -120,15 +120,21 @@ def test_a_foreign_neighbor_gets_plain_at_lines_and_a_full_push(make_herd: Calla
                 if not text.startswith(b"AT "):
                     sock.sendall(b"? " + text.strip() + b"\n")
 
-    herd = make_herd({"Alford": ["Other"], "Other": []}, start=False)
+    # A long connect_timeout: a forwarder that waited it out for the foreign "? HELLO"
+    # answer on each new connection would miss the deadlines below.
+    peers: PeerSettings = replace(FAST_PEERS, connect_timeout=5.0)
+    herd = make_herd({"Alford": ["Other"], "Other": []}, start=False, peers=peers)
     other = herd.config.servers["Other"]
     server = StreamServer((other.host, other.port), foreign)
     server.start()
     try:
         herd.start("Alford")
         wait_until(lambda: herd.servers["Alford"].forwarders["Other"].foreign, what="Other seen as foreign")
-        at = herd.client("Alford").ask(iamat()).rstrip(b"\n")
-        wait_until(lambda: at in received, what="the AT line at the foreign server")
+        forwarder = herd.servers["Alford"].forwarders["Other"]
+        for client in (b"first", b"second"):  # each on a new connection: the link closes when idle
+            wait_until(lambda: not forwarder.connected, what="the link to go idle")
+            at = herd.client("Alford").ask(iamat(client)).rstrip(b"\n")
+            wait_until(lambda at=at: at in received, 2.5, what="the AT line at the foreign server")
         assert all(line.startswith((b"AT ", b"HELLO ")) for line in received)
         assert not any(line.startswith(b"SYNC") for line in received)
     finally:

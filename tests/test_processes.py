@@ -11,6 +11,7 @@ of one server or of all, loses no acknowledged record.
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import signal
 import socket
@@ -37,17 +38,19 @@ CLIENT = b"kiwi.cs.ucla.edu"
 class ProcessHerd:
     """Five real server processes on free loopback ports, each with its state file."""
 
-    def __init__(self, tmp_path: Path):
+    def __init__(self, tmp_path: Path, places: str = "google"):
         self.ports = dict(zip(NAMES, free_ports(len(NAMES)), strict=True))
-        text = (
-            "[herd]\nlog_dir = logs\nstate_dir = state\n\n"
-            # Places on a port nobody listens on: a WHATSAT fails fast and still starts with the AT line.
-            "[places]\nprovider = google\napi_key_env = HERD_TEST_KEY\nbase_url = http://127.0.0.1:9\ntimeout = 1\n\n"
-            # No periodic reconciliation: its connection every 30 s would race the port checks.
-            "[peers]\nbackoff_max = 0.2\nsync_interval = 0\n"
-        )
+        if places == "offline":  # the default herd's: real place data from the (warm) cache
+            places_section = "[places]\nprovider = offline\n\n"
+        else:  # Places on a port nobody listens on: a WHATSAT fails fast and still starts with the AT line
+            places_section = "[places]\nprovider = google\napi_key_env = HERD_TEST_KEY\n"
+            places_section += "base_url = http://127.0.0.1:9\ntimeout = 1\n\n"
+        # No periodic reconciliation: its connection every 30 s would race the port checks.
+        text = "[herd]\nlog_dir = logs\nstate_dir = state\n\n" + places_section
+        text += "[peers]\nbackoff_max = 0.2\nsync_interval = 0\n"
         for name in NAMES:
-            text += f"\n[server:{name}]\nport = {self.ports[name]}\nneighbors = {', '.join(RING[name])}\n"
+            neighbors = ", ".join(RING[name])
+            text += f"\n[server:{name}]\nport = {self.ports[name]}\nhttp_port = 0\nneighbors = {neighbors}\n"
         self.dir = tmp_path
         self.config = tmp_path / "herd.ini"
         self.config.write_text(text)
@@ -108,6 +111,13 @@ def procs(tmp_path: Path) -> Iterator[ProcessHerd]:
     herd.stop_all(signal.SIGKILL)
 
 
+@pytest.fixture
+def offline_procs(tmp_path: Path, warm_offline_cache: Path) -> Iterator[ProcessHerd]:
+    herd = ProcessHerd(tmp_path, places="offline")
+    yield herd
+    herd.stop_all(signal.SIGKILL)
+
+
 def start_like_the_scripts(herd: ProcessHerd, names: list[str]) -> None:
     """``nohup python3 server.py NAME &`` 0.5 s apart (the scripts' pacing is the input
     here, not a wait for anything); then each must answer within 0.5 s of its start."""
@@ -142,11 +152,17 @@ def only_self_on_port(herd: ProcessHerd, name: str) -> bool:
     return pids_on_port(herd.ports[name]) == [herd.procs[name].pid]
 
 
-def test_grading_script_flow_every_two_servers_stopped(procs: ProcessHerd) -> None:
+def test_grading_script_flow_every_two_servers_stopped(offline_procs: ProcessHerd) -> None:
+    procs = offline_procs  # the default settings: offline places
     start_like_the_scripts(procs, NAMES)
     first = procs.ask("Alford", iamat()).rstrip(b"\n")
     assert first.startswith(b"AT Alford ")
     wait_until(lambda: all(procs.holds(n) == first for n in NAMES), what="every server to hold the first record")
+    for name in NAMES:  # what the scripts check of a WHATSAT at every server
+        at_line, _, body = procs.ask(name, b"WHATSAT %s 10 3" % CLIENT).partition(b"\n")
+        payload = json.loads(body)
+        assert at_line == first and payload["status"] == "OK" and 1 <= len(payload["results"]) <= 3
+        assert "html_attributions" in payload
     held = first
     for pair in itertools.combinations(NAMES, 2):
         # Idle links hold no connection: the kill finds only the server itself.
