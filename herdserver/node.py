@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import gevent
+from gevent.event import Event
 from gevent.greenlet import Greenlet
 from gevent.pool import Group
 
@@ -83,6 +84,15 @@ class Node:
         self.known_servers = {server.encode("utf-8") for server in config.servers}
         self.outlets: list[Outlet] = []
         self.calls = Group()  # WHATSATs waiting on Places
+        self.digests = Event()  # set once the store's digests are complete (sync waits for it)
+        if store.digests_ready:
+            self.digests.set()
+
+    def compute_digests(self) -> None:
+        """After a bulk load: the store's digests, a chunk at a time, letting clients in between."""
+        for _ in self.store.digest_steps():
+            gevent.sleep(0)
+        self.digests.set()
 
     # -- records -------------------------------------------------------------------------
 

@@ -327,6 +327,7 @@ class Forwarder:
             self.log.info("sync", neighbor=self.name, kind="full", records=len(lines))
             return
         sent_before, received_before = self.sync_bytes_sent, self.sync_bytes_received
+        self.node.digests.wait()  # after a large replay they take a moment
         reconciler = sync.Reconciler(self.node.store.levels)
         pushed = 0
         self._sync_write(sock, reconciler.start())
@@ -478,6 +479,7 @@ class Responder:
         if command is None:
             return protocol.format_invalid(item.strip())
         if command.verb == b"ASK":
+            self.node.digests.wait()  # after a large replay they take a moment
             return sync.answer_ask(self.node.store.levels, command.level, command.numbers) + b"\n"
         if command.verb == b"PULL":
             lines = list(self.node.store.lines_in(command.numbers))

@@ -121,7 +121,7 @@ class HerdServer:
             self.http.start()
         if self.state is not None:
             started = time.perf_counter()
-            report = self.state.replay(self.store.offer_line)
+            report = self.state.replay(self.store.load)
             level = self.log.warning if report.corrupt or report.torn_tail else self.log.info
             level(
                 "state_loaded",
@@ -135,6 +135,8 @@ class HerdServer:
             )
             self.state.start()
             self._spawn_worker(self._compact_when_needed)
+            self.node.digests.clear()
+            self._workers.spawn(self.node.compute_digests).link_exception(self._worker_died)
         self.state_loaded = True
         self.clients.start()
         self.log.info(

@@ -37,7 +37,7 @@ import errno
 import fcntl
 import os
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import gevent
@@ -66,26 +66,23 @@ class ReplayReport:
 
 
 def encode(time_ns: int, line: bytes) -> bytes:
-    return b"%08x %d %s\n" % (zlib.crc32(line), time_ns, line)
+    body = b"%d %s" % (time_ns, line)
+    return b"%08x %s\n" % (zlib.crc32(body), body)
 
 
-def decode(raw: bytes) -> tuple[int, bytes] | None:
-    """(time_ns, AT line) of one record line (without its newline), or None if corrupt."""
-    parts = raw.split(b" ", 2)
-    if len(parts) != 3 or len(parts[0]) != 8:
-        return None
-    crc, time_text, line = parts
+def decode(raw: bytes) -> tuple[bytes, int, bytes] | None:
+    """(client, time_ns, AT line) of one record line (without its newline), or None
+    if it is corrupt. The CRC covers the time and the line: once it matches, both
+    are as they were written (by this code, so well-formed)."""
+    body = raw[9:]
     try:
-        if int(crc, 16) != zlib.crc32(line) or not time_text.isdigit():
+        if raw[8:9] != b" " or zlib.crc32(body) != int(raw[:8], 16):
             return None
-    except ValueError:
+        space = body.index(b" ")
+        line = body[space + 1 :]
+        return line.split(b" ", 4)[3], int(body[:space]), line
+    except (ValueError, IndexError):
         return None
-    return int(time_text), line
-
-
-def client_of(line: bytes) -> bytes:
-    """The client field of a canonical AT line (single spaces)."""
-    return line.split(b" ", 4)[3]
 
 
 def read_records(path: str, report: ReplayReport) -> Iterator[tuple[bytes, int, bytes]]:
@@ -106,17 +103,15 @@ def read_records(path: str, report: ReplayReport) -> Iterator[tuple[bytes, int, 
         while chunk := handle.read(READ_CHUNK):
             lines = (rest + chunk).split(b"\n")
             rest = lines.pop()
-            for raw in lines:
-                number += 1
-                decoded = decode(raw)
-                if decoded is None:
-                    if raw:
+            good = [decoded for raw in lines if (decoded := decode(raw)) is not None]
+            if len(good) < len(lines):  # rare: find which, for the report
+                for offset, raw in enumerate(lines):
+                    if raw and decode(raw) is None:
                         report.corrupt += 1
-                        report.first_bad_line = report.first_bad_line or number
-                    continue
-                time_ns, line = decoded
-                report.records += 1
-                yield client_of(line), time_ns, line
+                        report.first_bad_line = report.first_bad_line or number + offset + 1
+            number += len(lines)
+            report.records += len(good)
+            yield from good
         if rest:  # no newline: the write was cut short (power loss, disk full)
             report.torn_tail = True
 
@@ -147,15 +142,15 @@ class StateFile:
 
     # -- start ---------------------------------------------------------------------------
 
-    def replay(self, offer: Callable[[bytes, int, bytes], object]) -> ReplayReport:
-        """Feed every intact record to ``offer``, then open the file for appending.
+    def replay(self, load: Callable[[Iterable[tuple[bytes, int, bytes]]], object]) -> ReplayReport:
+        """Hand every intact record to ``load`` (e.g. ``Store.load``), then open the
+        file for appending.
 
         A torn last line is cut off (truncated away) so the next append starts on a
         line of its own; corrupt lines stay where they are until the next compaction.
         """
         report = ReplayReport()
-        for client, time_ns, line in read_records(self.path, report):
-            offer(client, time_ns, line)
+        load(read_records(self.path, report))
         self.lines_in_file = report.records + report.corrupt
         self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         size = os.fstat(self._fd).st_size

@@ -53,6 +53,9 @@ class Store:
         # over the leaves), kept current on every change so no question costs a fold.
         self.levels = [array("Q", bytes(8 * 16**level)) for level in range(LEVELS)]
         self.leaves = self.levels[-1]
+        self.digests_ready = True  # False between a bulk ``load`` and its ``digest_steps``
+        self._snapshot: tuple[list[bytes], list[bytes]] | None = None
+        self._changes: list[tuple[bytes, bytes | None, bytes]] = []
 
     def offer(self, record: At) -> bool:
         """Keep ``record`` if it is newer than what is held; True when it was kept."""
@@ -65,9 +68,11 @@ class Store:
             held_time = time_of(held)
             if time_ns < held_time or (time_ns == held_time and line <= held):
                 return False
-            change = line_hash(held) ^ line_hash(line)
-        else:
-            change = line_hash(line)
+        if not self.digests_ready:  # being computed from a snapshot: applied after it
+            self._changes.append((client, held, line))
+            self._lines[client] = line
+            return True
+        change = line_hash(line) if held is None else line_hash(held) ^ line_hash(line)
         self._lines[client] = line
         leaf = leaf_of(client)
         levels = self.levels
@@ -77,6 +82,56 @@ class Store:
         levels[3][leaf >> 4] ^= change
         levels[4][leaf] ^= change
         return True
+
+    def load(self, records: Iterable[tuple[bytes, int, bytes]]) -> None:
+        """Many (client, time_ns, line) at once (a state file's replay): the newest per
+        client wins as with ``offer_line``. The digests are not kept up to date on the
+        way: ``digest_steps`` computes them afterwards, a chunk at a time, so a server
+        with a million records listens before it has hashed them all."""
+        lines = self._lines
+        get = lines.get
+        for client, time_ns, line in records:
+            held = get(client)
+            if held is not None:
+                held_time = time_of(held)
+                if time_ns < held_time or (time_ns == held_time and line <= held):
+                    continue
+            lines[client] = line
+        # Until the digests are computed, changes are logged instead of applied; the
+        # snapshot is taken now, so every change after it is in the log.
+        self._snapshot = (list(lines.keys()), list(lines.values()))
+        self._changes = []
+        self.digests_ready = False
+
+    def digest_steps(self, chunk: int = 50_000) -> Iterator[int]:
+        """Compute the digests of a ``load``, yielding between chunks (the caller lets
+        the event loop run there); then apply the changes made meanwhile."""
+        if self.digests_ready or self._snapshot is None:
+            return
+        clients, lines = self._snapshot
+        leaves = array("Q", bytes(8 * LEAVES))
+        crc, blake2b, from_bytes = zlib.crc32, hashlib.blake2b, int.from_bytes
+        for start in range(0, len(clients), chunk):
+            for client, line in zip(clients[start : start + chunk], lines[start : start + chunk], strict=True):
+                leaves[crc(client) & _LEAF_MASK] ^= from_bytes(blake2b(line, digest_size=8).digest(), "little")
+            yield start
+        for client, old, new in self._changes:
+            leaves[leaf_of(client)] ^= (line_hash(old) if old is not None else 0) ^ line_hash(new)
+        levels = [leaves]
+        while len(levels[0]) > 1:
+            below = levels[0]
+            above = array("Q", bytes(8 * (len(below) // 16)))
+            for i in range(len(below)):
+                above[i >> 4] ^= below[i]
+            levels.insert(0, above)
+        self.levels, self.leaves = levels, leaves
+        self._snapshot, self._changes = None, []
+        self.digests_ready = True
+
+    def finish_digests(self) -> None:
+        """``digest_steps`` all at once (tests, tools)."""
+        for _ in self.digest_steps():
+            pass
 
     def holds(self, client: bytes, line: bytes) -> bool:
         """True when the record held for ``client`` is exactly ``line`` (canonical form)."""

@@ -25,7 +25,7 @@ def at(client: bytes, t: int) -> bytes:
 def write_records(tmp_path: Path, records: list[tuple[bytes, int]], fsync: str = "never") -> Path:
     path = tmp_path / "A.state"
     state = StateFile(str(path), fsync, log(tmp_path))
-    state.replay(lambda *a: None)
+    state.replay(list)
     for client, t in records:
         state.append(t * 10**9, at(client, t))
     state.flush()
@@ -36,7 +36,7 @@ def write_records(tmp_path: Path, records: list[tuple[bytes, int]], fsync: str =
 def replay(tmp_path: Path, path: Path) -> tuple[Store, state_mod.ReplayReport]:
     store = Store()
     state = StateFile(str(path), "never", log(tmp_path))
-    report = state.replay(store.offer_line)
+    report = state.replay(store.load)
     state.close()
     return store, report
 
@@ -93,7 +93,7 @@ def test_compaction_keeps_every_live_record_and_what_arrives_meanwhile(tmp_path:
     path = str(tmp_path / "A.state")
     store = Store()
     state = StateFile(path, "never", log(tmp_path))
-    state.replay(store.offer_line)
+    state.replay(store.load)
     for t in range(1, 6):
         for i in range(3000):
             line = at(b"c%d" % i, t)
@@ -124,7 +124,7 @@ def test_fsync_always_waits_for_an_fsync_covering_the_batch(tmp_path: Path, monk
     real = os.fsync
     monkeypatch.setattr(state_mod.os, "fsync", lambda fd: (synced.append(fd), real(fd)))
     state = StateFile(str(tmp_path / "A.state"), "always", log(tmp_path))
-    state.replay(lambda *a: None)
+    state.replay(list)
     state.start()
     state.append(10**9, at(b"a", 1))
     state.flush()
@@ -137,7 +137,7 @@ def test_fsync_never_does_not_fsync_on_the_way(tmp_path: Path, monkeypatch) -> N
     synced: list[int] = []
     monkeypatch.setattr(state_mod.os, "fsync", lambda fd: synced.append(fd))
     state = StateFile(str(tmp_path / "A.state"), "never", log(tmp_path))
-    state.replay(lambda *a: None)
+    state.replay(list)
     state.start()
     state.append(10**9, at(b"a", 1))
     state.flush()

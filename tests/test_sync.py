@@ -136,3 +136,22 @@ def test_the_store_keeps_every_level_equal_to_a_fold_of_its_leaves() -> None:
     fill(store, [line(b"c%d" % i, i + 1) for i in range(2000)])
     fill(store, [line(b"c%d" % i, 5000 + i) for i in range(0, 2000, 3)])  # replacements too
     assert [list(level) for level in store.levels] == sync.fold(store.leaves)
+
+
+def test_a_bulk_load_keeps_the_newest_and_the_same_digests_as_one_by_one() -> None:
+    records = [line(b"c%d" % (i % 700), 1 + (i * 7919) % 5000) for i in range(3000)]
+    one_by_one, bulk = Store(), Store()
+    fill(one_by_one, records)
+    parsed = [parse(r) for r in records]
+    bulk.load((m.client, m.time_ns, m.line) for m in parsed[:2000] if isinstance(m, At))
+    steps = bulk.digest_steps(chunk=100)
+    next(steps)
+    fill(bulk, records[2000:])  # changes while the digests are still being computed
+    for _ in steps:
+        pass
+    assert bulk.digests_ready
+    assert bulk.snapshot() == one_by_one.snapshot()
+    assert [list(level) for level in bulk.levels] == [list(level) for level in one_by_one.levels]
+    fill(bulk, [line(b"c1", 999_999)])  # and it keeps them current afterwards
+    fill(one_by_one, [line(b"c1", 999_999)])
+    assert [list(level) for level in bulk.levels] == [list(level) for level in one_by_one.levels]
