@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from bench.report import Section
-from bench.scenarios import compare, connections, iamat, propagation, slow_neighbor, startup, whatsat
+from bench.scenarios import compare, connections, durability, iamat, propagation, slow_neighbor, startup, whatsat
 from bench.scenarios.common import Context
 
 SCENARIOS: dict[str, Callable[[Context], Section]] = {
@@ -16,4 +16,5 @@ SCENARIOS: dict[str, Callable[[Context], Section]] = {
     "slow-neighbor": slow_neighbor.run,
     "startup": startup.run,
     "compare": compare.run,
+    "durability": durability.run,
 }
