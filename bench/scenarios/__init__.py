@@ -5,7 +5,17 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from bench.report import Section
-from bench.scenarios import compare, connections, durability, iamat, propagation, slow_neighbor, startup, whatsat
+from bench.scenarios import (
+    compare,
+    connections,
+    durability,
+    iamat,
+    propagation,
+    reconcile,
+    slow_neighbor,
+    startup,
+    whatsat,
+)
 from bench.scenarios.common import Context
 
 SCENARIOS: dict[str, Callable[[Context], Section]] = {
@@ -17,4 +27,5 @@ SCENARIOS: dict[str, Callable[[Context], Section]] = {
     "startup": startup.run,
     "compare": compare.run,
     "durability": durability.run,
+    "reconcile": reconcile.run,
 }
