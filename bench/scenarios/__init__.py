@@ -14,6 +14,7 @@ from bench.scenarios import (
     reconcile,
     slow_neighbor,
     startup,
+    state_load,
     whatsat,
 )
 from bench.scenarios.common import Context
@@ -28,4 +29,5 @@ SCENARIOS: dict[str, Callable[[Context], Section]] = {
     "compare": compare.run,
     "durability": durability.run,
     "reconcile": reconcile.run,
+    "state-load": state_load.run,
 }
