@@ -205,7 +205,7 @@ def run(ctx: Context) -> Section:
                         2 * len(expected), "checked (2 ends)",
                         Target(f"0, and both hold {RECORDS:,} clients", wrong == 0 and all_there, "issue")))
         section.notes += [
-            f"state files written by the bench in {written_s:.1f} s: Alford {RECORDS:,} clients "
+            f"state files written by the bench in {written_s:.1f} s: Alford {RECORDS:,} clients, "
             f"Ball {RECORDS - ONLY_ALFORD:,}; {ONLY_ALFORD} clients only "
             f"on Alford, {NEWER_ON_BALL} a second newer on Ball; lines of {len(next(iter(expected.values())))} "
             "bytes",
