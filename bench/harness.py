@@ -160,15 +160,18 @@ class ProcessSet:
     def __init__(self) -> None:
         self.children: list[Child] = []
 
-    def spawn(self, name: str, argv: list[str], log_path: Path, *, pipes: bool = False) -> Child:
+    def spawn(self, name: str, argv: list[str], log_path: Path, *, pipes: bool = False,
+              code: Path = ROOT) -> Child:
+        """Start ``argv``; ``code`` is the checkout it runs from (cwd and PYTHONPATH, so
+        ``python -m herdserver`` imports that checkout's package: see ``Checkout``)."""
         with open(log_path, "ab") as log:  # the child keeps its own copy of the descriptor
             process = subprocess.Popen(
                 argv,
-                cwd=ROOT,
+                cwd=code,
                 stdin=subprocess.PIPE if pipes else subprocess.DEVNULL,
                 stdout=subprocess.PIPE if pipes else log,
                 stderr=log,
-                env={**os.environ, KEY_ENV: KEY, "PYTHONPATH": str(ROOT)},
+                env={**os.environ, KEY_ENV: KEY, "PYTHONPATH": str(code)},
                 start_new_session=True,  # Ctrl-C reaches the runner only; it stops the children
                 preexec_fn=_die_with_parent,
             )
@@ -282,14 +285,24 @@ class Herd:
 
 
 def herd_ini(links: Mapping[str, list[str]], ports: Mapping[str, int], log_dir: Path, places_url: str,
-             http_ports: Mapping[str, int] | None = None) -> str:
-    """No HTTP side (http_port = 0) unless ``http_ports`` name one."""
-    lines = [
-        "[herd]", f"host = {HOST}", f"log_dir = {log_dir}", "",
+             http_ports: Mapping[str, int] | None = None, herd_keys: Mapping[str, str] | None = None,
+             peer_keys: Mapping[str, str] | None = None) -> str:
+    """A herd.ini; ``herd_keys`` and ``peer_keys`` add ``[herd]`` and ``[peers]`` keys (only
+    keys the code under test knows: an unknown key is an error to herdserver). ``http_ports``
+    None writes no ``http_port`` keys (code from before the HTTP side); else the servers
+    not in it get ``http_port = 0``."""
+    lines = ["[herd]", f"host = {HOST}", f"log_dir = {log_dir}"]
+    lines += [f"{key} = {value}" for key, value in (herd_keys or {}).items()]
+    lines += [
+        "",
         "[places]", "provider = google", f"api_key_env = {KEY_ENV}", f"base_url = {places_url}", "timeout = 5", "",
     ]
+    if peer_keys:
+        lines += ["[peers]", *(f"{key} = {value}" for key, value in peer_keys.items()), ""]
     for name, neighbors in links.items():
-        lines += [f"[server:{name}]", f"port = {ports[name]}", f"http_port = {(http_ports or {}).get(name, 0)}"]
+        lines += [f"[server:{name}]", f"port = {ports[name]}"]
+        if http_ports is not None:
+            lines.append(f"http_port = {http_ports.get(name, 0)}")
         if neighbors:
             lines.append(f"neighbors = {', '.join(neighbors)}")
         lines.append("")
@@ -307,31 +320,40 @@ class Lab:
         self.places_url = places_url
         self.children: list[Child] = []
 
-    def spawn(self, name: str, argv: list[str], *, pipes: bool = False) -> Child:
-        child = PROCESSES.spawn(name, argv, self.dir / f"{name}.out", pipes=pipes)
+    def spawn(self, name: str, argv: list[str], *, pipes: bool = False, code: Path = ROOT) -> Child:
+        child = PROCESSES.spawn(name, argv, self.dir / f"{name}.out", pipes=pipes, code=code)
         self.children.append(child)
         return child
 
-    def herd(self, name: str, links: Mapping[str, list[str]], listeners: Iterable[str] = (),
-             http: bool = False) -> Herd:
+    def herd(self, name: str, links: Mapping[str, list[str]], listeners: Iterable[str] = (), *,
+             http: bool = False, old_code: bool = False, herd_keys: Mapping[str, str] | None = None,
+             peer_keys: Mapping[str, str] | None = None) -> Herd:
         """Write ``name``.ini for ``links`` (name -> neighbors) plus bench-owned ``listeners``;
-        ``http``: the servers of ``links`` serve their HTTP side (metrics) too."""
+        ``http``: the servers of ``links`` serve their HTTP side (metrics) too; ``old_code``:
+        for a checkout from before ``http_port`` existed (no such key written)."""
         everyone = {**links, **{listener: [] for listener in listeners if listener not in links}}
         free = free_ports(len(everyone) + (len(links) if http else 0))
         ports = dict(zip(everyone, free, strict=False))
         http_ports = dict(zip(links, free[len(everyone):], strict=False)) if http else {}
         log_dir = self.dir / f"{name}-logs"
         log_dir.mkdir()
-        path = self.dir / f"{name}.ini"
-        path.write_text(herd_ini(everyone, ports, log_dir, self.places_url, http_ports))
+        # Each herd.ini in a directory of its own: the default state dir ("state" beside
+        # herd.ini) is then the herd's own, and two herds' Alfords never share a state file.
+        home = self.dir / f"{name}-herd"
+        home.mkdir()
+        path = home / f"{name}.ini"
+        written_http = None if old_code else http_ports
+        path.write_text(herd_ini(everyone, ports, log_dir, self.places_url, written_http, herd_keys, peer_keys))
         return Herd(name, path, ports, log_dir, http_ports=http_ports)
 
-    def start_servers(self, herd: Herd, servers: Iterable[str]) -> None:
+    def start_servers(self, herd: Herd, servers: Iterable[str], code: Path = ROOT, wait: bool = True) -> None:
+        """Start ``servers`` of ``herd`` from the checkout ``code``; wait until each listens."""
         for server in servers:
             argv = [sys.executable, "-m", "herdserver", server, "--config", str(herd.path)]
-            herd.children[server] = self.spawn(f"{herd.name}-{server}", argv)
-        for server, child in herd.children.items():
-            wait_for_port(child, herd.ports[server])
+            herd.children[server] = self.spawn(f"{herd.name}-{server}", argv, code=code)
+        if wait:
+            for server, child in herd.children.items():
+                wait_for_port(child, herd.ports[server])
 
     def stop_servers(self, herd: Herd) -> None:
         """Graceful stop (SIGTERM) so every log is flushed before it is read."""
@@ -363,3 +385,33 @@ def start_places(parent: Path, latency: float) -> tuple[Child, str]:
     if not url.startswith("http://"):
         raise BenchError(f"fake Places said {url!r}")
     return child, url
+
+
+# -- a second checkout (bench/run.py --compare REV) ---------------------------------------------
+
+
+class Checkout:
+    """``git worktree add --detach`` of a revision in a temp dir, removed on ``close()``.
+
+    Servers started with ``code=checkout.path`` run from it (cwd and PYTHONPATH), so
+    ``python -m herdserver`` imports that revision's package, not this one's.
+    """
+
+    def __init__(self, parent: Path, rev: str):
+        self.rev = rev
+        self.path = Path(tempfile.mkdtemp(prefix="checkout-", dir=parent)) / "tree"
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(self.path), rev],
+                       check=True, capture_output=True)
+        self.commit = subprocess.run(["git", "-C", str(self.path), "rev-parse", "--short", "HEAD"], check=True,
+                                     capture_output=True, text=True).stdout.strip()
+        imported = subprocess.run(
+            [sys.executable, "-c", "import herdserver; print(herdserver.__file__)"], cwd=self.path,
+            env={**os.environ, "PYTHONPATH": str(self.path)}, capture_output=True, text=True, check=True,
+        ).stdout.strip()
+        if not imported.startswith(str(self.path)):
+            self.close()
+            raise BenchError(f"the checkout of {rev} imports herdserver from {imported}, not from itself")
+
+    def close(self) -> None:
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(self.path)],
+                       capture_output=True)

@@ -292,7 +292,8 @@ def closed_loop(
 
 
 class Observer:
-    """Plays a herd neighbor: accepts the forwarder's connection and reads AT lines."""
+    """Plays a herd neighbor: accepts the forwarder's connections and reads AT lines (a
+    server's ``HELLO`` gets the ``? `` answer of a neighbor that is not a herdserver)."""
 
     def __init__(self, name: str, port: int, reading: bool = True):
         self.name = name
@@ -333,6 +334,15 @@ class Observer:
             now = time.monotonic()
             *lines, pending = (pending + data).split(b"\n")
             for line in lines:
+                if line.startswith(b"HELLO "):
+                    # Answer as another implementation would (``? `` + the line): the forwarder
+                    # then sends plain AT lines at once instead of waiting out its connect_timeout
+                    # for a hello answer on every connection it opens.
+                    try:
+                        sock.sendall(b"? " + line + b"\n")
+                    except OSError:
+                        return
+                    continue
                 self.take(line, now)
 
     def take(self, line: bytes, now: float) -> None:

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """The herdserver benchmark suite: one command, every scenario, baselines in the same run.
 
-    .venv/bin/python bench/run.py [--quick] [--json PATH] [--only SCENARIO ...] [--keep]
+    .venv/bin/python bench/run.py [--quick] [--json PATH] [--only SCENARIO ...] [--compare REV] [--keep]
 
 Servers, the echo baseline, the fake Places server and the load generators run
 as separate processes on loopback ports; every one is stopped by PID at the
@@ -40,6 +40,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help=f"write the results here (default: {DEFAULT_JSON.relative_to(ROOT)})")
     parser.add_argument("--only", nargs="+", choices=list(SCENARIOS), metavar="SCENARIO",
                         help=f"run only these ({', '.join(SCENARIOS)})")
+    parser.add_argument("--compare", metavar="REV",
+                        help="the git revision the compare scenario measures this code against (default: 70174fa, "
+                             "the last with persistent links); alone, it runs only that scenario")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (herd files, server logs)")
     return parser.parse_args(argv)
 
@@ -80,8 +83,9 @@ def main(argv: list[str] | None = None) -> int:
     status = 0
     try:
         places, places_url = harness.start_places(work_dir, PLACES_LATENCY)
-        ctx = Context(settings, work_dir, places_url, PLACES_LATENCY, places.pid)
-        for name in args.only or SCENARIOS:
+        ctx = Context(settings, work_dir, places_url, PLACES_LATENCY, places.pid, args.compare)
+        chosen = args.only or (["compare"] if args.compare else list(SCENARIOS))
+        for name in chosen:
             section = run_scenario(name, ctx)
             document["scenarios"][name] = section.to_json()
             status |= section.error is not None

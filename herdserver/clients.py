@@ -34,10 +34,11 @@ from .logs import EventLog
 from .node import Node
 from .peers import Responder
 from .protocol import LineSplitter, Overlong
-from .sockets import recv_chunk, write_all
+from .sockets import RECV_BYTES, send_nowait
 
 MAX_PIPELINED_WHATSAT = 20  # Places calls in flight for one connection at once
 REPLY_BUFFER_BYTES = 65536  # replies held for one connection before writing
+SWEEP_SECONDS = 1.0  # how often the sweeper looks for clients past their deadlines
 PEER_LINE_BYTES = 1 << 16  # a neighbor's sync lines may be longer than a client's limit
 # The kernel's buffers per client, fixed (no autotuning up to tens of megabytes):
 # with REPLY_BUFFER_BYTES they bound what a client that reads nothing can leave
@@ -227,15 +228,33 @@ class ClientPort:
         conn.sock.close()
 
     def park_quiet_clients(self) -> None:
-        """Every ``park_after`` s: park handlers that waited for bytes all along
-        (so a client is parked after one to two periods of quiet)."""
+        """The sweeper. Every ``park_after`` s: park handlers that waited for bytes
+        all along (so a client is parked after one to two periods of quiet). More
+        often (``SWEEP_SECONDS``): close handlers waiting past their idle or line
+        deadline. A timer per recv would cost every command a few microseconds;
+        this costs one pass over the connections a second. (Parked clients have a
+        timer of their own, armed once per park.)"""
         hub = gevent.get_hub()
+        period = min(self.limits.park_after, SWEEP_SECONDS)
+        next_park = time.monotonic() + self.limits.park_after
         while True:
-            gevent.sleep(self.limits.park_after)
+            gevent.sleep(period)
+            now = time.monotonic()
+            park = now >= next_park
+            if park:
+                next_park = now + self.limits.park_after
             for conn in list(self.connections.values()):
-                if conn.waiting and not conn.active:
-                    hub.loop.run_callback(self._park_now, conn)
-                conn.active = False
+                if not conn.waiting:
+                    if park:
+                        conn.active = False
+                    continue
+                left, reason = self._deadline(conn)
+                if left is not None and left <= 0:
+                    hub.loop.run_callback(self._time_out_now, conn, reason)
+                elif park:
+                    if not conn.active:
+                        hub.loop.run_callback(self._park_now, conn)
+                    conn.active = False
 
     def _park_now(self, conn: Connection) -> None:
         # In the hub. Checked again here: the handler may have woken up since the
@@ -243,6 +262,10 @@ class ClientPort:
         # (they stay in the kernel until the watcher sees them).
         if conn.waiting and not conn.active and conn.greenlet is not None and not self.stopping:
             conn.greenlet.throw(_Park)
+
+    def _time_out_now(self, conn: Connection, reason: str) -> None:
+        if conn.waiting and conn.greenlet is not None and not self.stopping:
+            conn.greenlet.throw(_TimedOut(reason))
 
     # -- one connection ------------------------------------------------------------------
 
@@ -284,17 +307,14 @@ class ClientPort:
             conn.splitter = LineSplitter(self.limits.max_line_bytes)
         splitter = conn.splitter
         while True:
-            left, reason = self._deadline(conn)
-            conn.waiting = True
+            conn.waiting = True  # the sweeper parks it, or closes it past its deadlines
             try:
-                data = recv_chunk(sock, left)
+                data = sock.recv(RECV_BYTES)
             except _Park:
                 return True
             finally:
                 conn.waiting = False
             conn.active = True
-            if data is None:
-                raise _TimedOut(reason)
             items = splitter.feed(data) if data else splitter.finish()
             now = time.monotonic()
             if splitter.buffer or splitter.discarding:
@@ -358,8 +378,11 @@ class ClientPort:
         # A client that reads nothing fills its send buffer: this write then waits, so
         # the handler reads no more commands and starts no Places calls (TCP back-
         # pressure), and after write_timeout s without progress the client is dropped.
-        with gevent.Timeout(self.limits.write_timeout, _TimedOut("write_timeout")):
-            write_all(sock, b"".join(replies))
+        data = b"".join(replies)
+        sent = send_nowait(sock, data)  # nearly always all of it, and no timer to arm
+        if sent < len(data):
+            with gevent.Timeout(self.limits.write_timeout, _TimedOut("write_timeout")):
+                sock.sendall(memoryview(data)[sent:])
         self.log.replies(conn.id, replies)  # a WHATSAT's JSON is logged whole only at DEBUG
 
     def _dispatch(self, item: bytes | Overlong, conn: Connection) -> bytes | Greenlet | None:

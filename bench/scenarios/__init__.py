@@ -5,7 +5,19 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from bench.report import Section
-from bench.scenarios import connections, iamat, metrics, propagation, slow_neighbor, startup, whatsat
+from bench.scenarios import (
+    compare,
+    connections,
+    durability,
+    iamat,
+    metrics,
+    propagation,
+    reconcile,
+    slow_neighbor,
+    startup,
+    state_load,
+    whatsat,
+)
 from bench.scenarios.common import Context
 
 SCENARIOS: dict[str, Callable[[Context], Section]] = {
@@ -16,4 +28,8 @@ SCENARIOS: dict[str, Callable[[Context], Section]] = {
     "whatsat": whatsat.run,
     "slow-neighbor": slow_neighbor.run,
     "startup": startup.run,
+    "compare": compare.run,
+    "durability": durability.run,
+    "reconcile": reconcile.run,
+    "state-load": state_load.run,
 }

@@ -57,6 +57,7 @@ class Context:
     places_url: str
     places_latency: float
     places_pid: int
+    compare_rev: str | None = None  # bench/run.py --compare REV (None: the compare scenario's default)
 
 
 def target(port: int) -> list[Any]:
