@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from bench.report import Section
-from bench.scenarios import connections, iamat, metrics, propagation, slow_neighbor, startup, whatsat
+from bench.scenarios import attack, connections, iamat, metrics, propagation, slow_neighbor, startup, whatsat
 from bench.scenarios.common import Context
 
 SCENARIOS: dict[str, Callable[[Context], Section]] = {
@@ -16,4 +16,5 @@ SCENARIOS: dict[str, Callable[[Context], Section]] = {
     "whatsat": whatsat.run,
     "slow-neighbor": slow_neighbor.run,
     "startup": startup.run,
+    "attack": attack.run,
 }
