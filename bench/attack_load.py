@@ -45,13 +45,18 @@ def attack_connect(target: list[Any], source: str) -> socket.socket:
 
 
 def closed_by_server(sock: socket.socket) -> bool:
-    """True when the server has closed (EOF or reset) the connection; never blocks."""
+    """True when the server has closed (EOF or reset) the connection; never blocks
+    (timeout 0: gevent's recv would otherwise wait for the socket to be readable)."""
+    timeout = sock.gettimeout()
+    sock.settimeout(0.0)
     try:
-        return sock.recv(1, socket.MSG_DONTWAIT | socket.MSG_PEEK) == b""
+        return sock.recv(1, socket.MSG_PEEK) == b""
     except BlockingIOError:
         return False
     except OSError:
         return True
+    finally:
+        sock.settimeout(timeout)
 
 
 class Attack:
@@ -194,6 +199,7 @@ def pipeliner(attack: Attack, target: list[Any], client: str, source: str) -> No
         sock = attack.open(target, source)
         if sock is None:
             return
+        sock.settimeout(None)  # wait as long as the server makes us: it drops us, or the attack ends
         try:
             sock.sendall(iamat(client))
             Reader(sock).until(b"\n")
