@@ -19,7 +19,7 @@ import time
 import urllib.request
 from typing import Any
 
-from bench.harness import HOST, BenchError, Herd, Lab, LoadWorker, stable_rss_kb
+from bench.harness import HOST, BenchError, Herd, Lab, LoadWorker, cpu_seconds, stable_rss_kb
 from bench.report import Row, Section, Target
 from bench.scenarios.common import JOB_SLACK, QUICK, Context, closed_loop, target
 from herdserver.limits import max_connections
@@ -75,6 +75,10 @@ def dropped_slow(m: dict[str, float]) -> int:
 
 def forged(m: dict[str, float]) -> int:
     return int(m.get('herd_dropped_lines_total{reason="forged"}', 0))
+
+
+def whatsats(m: dict[str, float]) -> int:
+    return int(m.get('herd_commands_total{command="WHATSAT",result="ok"}', 0))
 
 
 def honest(worker: LoadWorker, port: int, seconds: float, tag: str) -> dict[str, Any]:
@@ -165,7 +169,10 @@ def run(ctx: Context) -> Section:
                    servers=["Target", "Peer", "Nobody"],
                    victim=VICTIM, sources=FORGER_SOURCES, duration=attack_s, max_lines=1_000_000)
         time.sleep(2.0)  # the pipeliners' buffers fill
+        cpu0, wall0, w0 = cpu_seconds([pid]), time.monotonic(), whatsats(metrics(h, "Target"))
         attacked = honest(good, port, honest_s, "attacked")
+        cpu_share = (cpu_seconds([pid]) - cpu0) / (time.monotonic() - wall0)
+        whatsat_rate = (whatsats(metrics(h, "Target")) - w0) / (time.monotonic() - wall0)
         victim1 = other.call("honest_iamat", timeout=JOB_SLACK, target=target(port), client=VICTIM)["reply"]
         time.sleep(1.0)  # the forger keeps going after the honest update
         rss_end = stable_rss_kb(pid)
@@ -216,6 +223,8 @@ def run(ctx: Context) -> Section:
             Row("honest IAMAT p99 under attack", attacked["p99_ms"], "ms", base["p99_ms"], unattacked,
                 Target(f"<= {P99_RATIO_LIMIT:g}x", ratio is not None and ratio <= P99_RATIO_LIMIT, "issue")),
             Row("honest IAMATs answered under attack", attacked["count"], "req", before["count"], "before"),
+            Row("server CPU while all attacks run", cpu_share * 100, "% core"),
+            Row("WHATSATs answered/s meanwhile (pipeliners)", whatsat_rate, "req/s"),
             Row("  honest p50, floods alone", flood_only["p50_ms"], "ms", base["p50_ms"], unattacked),
             Row("  honest p99, floods alone", flood_only["p99_ms"], "ms", base["p99_ms"], unattacked),
             Row("idle+trickling connections held (server's open count)", held_flood, "conns", count, "asked"),
