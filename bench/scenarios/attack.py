@@ -191,6 +191,7 @@ def run(ctx: Context) -> Section:
 
         # the same number of idle connections from one address: the per-address cap
         m4 = metrics(h, "Target")
+        rss_after = stable_rss_kb(pid)
         floods[0].call("flood_start", timeout=JOB_SLACK, name="one", target=target(port), count=count // 2,
                        sources=[SOURCES[0]], trickle_every=0, batch=250, duration=60.0, every=list(TRICKLE_EVERY),
                        max_reconnects=0)
@@ -235,6 +236,9 @@ def run(ctx: Context) -> Section:
                 Target(f"<= {KB_PER_CONN_LIMIT:g} KB", per_conn is not None and per_conn <= KB_PER_CONN_LIMIT,
                        KB_SOURCE)),
             Row("  the same, floods alone", per_flood, "KB"),
+            Row("server RSS after the attack", rss_after / 1024, "MB", rss_before / 1024, "before the attack"),
+            Row("connections open after the attack (leak check)", open_conns(m4), "conns", open_conns(m0), "before",
+                Target("as before", open_conns(m4) <= open_conns(m0), "issue; no leak")),
             Row("connections refused during the attack", refused(m3) - refused(m0), "conns"),
             Row("trickling connections dropped (line_timeout, log)", logs["line_timeout"], "conns"),
             Row("pipeliners dropped for write_timeout (metrics)", dropped_slow(m3) - dropped_slow(m0), "clients"),
@@ -273,7 +277,7 @@ def run(ctx: Context) -> Section:
         ]
         section.raw = {"before": before, "attacked": attacked, "after": after, "one_address": one_honest,
                        "flood_only": flood_only,
-                       "rss_kb": {"before": rss_before, "open": rss_open, "end": rss_end},
+                       "rss_kb": {"before": rss_before, "open": rss_open, "end": rss_end, "after": rss_after},
                        "metrics": {"m0": m0, "m1": m1, "m2": m2, "m3": m3, "m4": m4, "m5": m5},
                        "floods": flood_st, "pipe": pipe_st, "forge": forge_st, "logs": logs,
                        "held": [held1, held2], "victim_checks": [b1, b2]}
