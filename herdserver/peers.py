@@ -284,6 +284,11 @@ class Forwarder:
             reply = self._next_reply(self.settings.connect_timeout)
         finally:
             self._awaiting_hello = False
+        if reply is None and self.foreign is False:
+            # A neighbor that has answered as a herdserver and is slow to answer now is
+            # busy (or we are), not another implementation: taken for a foreign one, it
+            # would get plain AT lines, refused without our proof, and no reconciliation.
+            raise LinkDown("no answer to the hello")
         if reply is None or reply[0] == b"?":
             if self.foreign is not True:
                 self.log.info("peer_foreign", neighbor=self.name)

@@ -10,6 +10,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import gevent
 import pytest
@@ -82,6 +83,34 @@ def test_with_a_secret_a_plain_client_cannot_inject_but_the_herd_floods(make_her
     assert all(herd.holds(n, b"victim") is None for n in herd.servers)
     text = (Path(herd.config.log_dir) / "Alford.log").read_text()
     assert "s3cret" not in text and "event=peer_authenticated" in text
+
+
+def test_a_herd_neighbor_slow_to_answer_a_hello_is_not_taken_for_a_foreign_one(
+    make_herd: Callable[..., Herd], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under load a hello's answer can come after connect_timeout. A neighbor that has
+    answered as a herdserver before is then retried, not downgraded to foreign: as a
+    foreign peer it would get plain AT lines, which it refuses without our proof."""
+    herd = make_herd({"Alford": ["Ball"], "Ball": []}, secret="s3cret")
+    forwarder = herd.servers["Alford"].forwarders["Ball"]
+    wait_until(lambda: forwarder.foreign is False and not forwarder.connected, what="a first, answered hello")
+    responder = herd.servers["Ball"].responder
+    answer_hello = responder._hello
+    late = [FAST_PEERS.connect_timeout + 0.5]
+
+    def slow_hello(*args: Any) -> bytes:
+        if late:
+            gevent.sleep(late.pop())
+        return answer_hello(*args)
+
+    monkeypatch.setattr(responder, "_hello", slow_hello)
+    at = herd.client("Alford").ask(iamat()).rstrip(b"\n")
+    wait_until(lambda: herd.holds("Ball", KIWI) == at, timeout=10, what="the record at Ball over a new link")
+    alford = herd.servers["Alford"]
+    alford.log.flush()
+    text = (Path(herd.config.log_dir) / "Alford.log").read_text()
+    assert forwarder.foreign is False and not late
+    assert "event=peer_foreign" not in text and "no answer to the hello" in text
 
 
 def test_servers_with_different_secrets_do_not_link(make_herd: Callable[..., Herd]) -> None:

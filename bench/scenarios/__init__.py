@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 from bench.report import Section
 from bench.scenarios import (
+    attack,
     compare,
     connections,
     durability,
@@ -32,4 +33,5 @@ SCENARIOS: dict[str, Callable[[Context], Section]] = {
     "durability": durability.run,
     "reconcile": reconcile.run,
     "state-load": state_load.run,
+    "attack": attack.run,
 }
