@@ -13,9 +13,12 @@ sync questions ``peers.Responder``'s); this module only moves bytes.
 from __future__ import annotations
 
 import errno
+import fcntl
 import itertools
 import logging
 import socket
+import struct
+import termios
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -38,6 +41,10 @@ from .sockets import RECV_BYTES, send_nowait
 
 MAX_PIPELINED_WHATSAT = 20  # Places calls in flight for one connection at once
 REPLY_BUFFER_BYTES = 65536  # replies held for one connection before writing
+# Replies a client has not taken yet, as the kernel's send queue counts them (written,
+# not acknowledged), past which it gets no more Places calls until it reads.
+UNREAD_BOUND = 64 << 10
+DRAIN_POLL_SECONDS = 0.01
 SWEEP_SECONDS = 1.0  # how often the sweeper looks for clients past their deadlines
 PEER_LINE_BYTES = 1 << 16  # a neighbor's sync lines may be longer than a client's limit
 # The kernel's buffers per client, fixed (no autotuning up to tens of megabytes):
@@ -48,6 +55,15 @@ CLIENT_SNDBUF = 128 << 10
 CLIENT_RCVBUF = 64 << 10
 # Errors that mean "the client went away": logged as a plain close, no traceback.
 QUIET_ERRNOS = {errno.EPIPE, errno.ECONNRESET, errno.ECONNABORTED, errno.ETIMEDOUT, errno.ENOTCONN}
+
+
+def unsent(sock: socket.socket) -> int:
+    """Bytes in the socket's send queue that the peer has not acknowledged (Linux
+    SIOCOUTQ); 0 where the call is not available."""
+    try:
+        return int(struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"))[0])
+    except OSError:
+        return 0
 
 
 class _Park(Exception):
@@ -116,6 +132,7 @@ class ClientPort:
         self.per_ip: dict[str, int] = {}
         self.refused = 0
         self.dropped_slow = 0
+        self.held_back = 0  # times a client that did not read was made to wait
         self.store = node.store
         self.stats = node.stats
         self.responder = responder
@@ -355,9 +372,26 @@ class ClientPort:
             if in_flight >= MAX_PIPELINED_WHATSAT or buffered >= REPLY_BUFFER_BYTES:
                 self._write_replies(sock, pending, conn)
                 pending, in_flight, buffered = [], 0, 0
+            elif not isinstance(reply, bytes) and unsent(sock) > UNREAD_BOUND:
+                # A Places call just started for a client whose earlier replies sit
+                # unread in the kernel: write what is due, then read nothing more from
+                # it (and start no more calls) until it reads (or write_timeout ends it).
+                self._write_replies(sock, pending, conn)
+                pending, in_flight, buffered = [], 0, 0
+                self._wait_read_by_client(sock)
         if pending:
             self._write_replies(sock, pending, conn)
         self.node.persist()  # AT lines get no reply, but are stored all the same
+
+    def _wait_read_by_client(self, sock: socket.socket) -> None:
+        """Until the client has taken most of what waits for it in the kernel; a client
+        that makes no progress for ``write_timeout`` s is dropped."""
+        self.held_back += 1
+        deadline = time.monotonic() + self.limits.write_timeout
+        while unsent(sock) > UNREAD_BOUND // 2:
+            if time.monotonic() > deadline:
+                raise _TimedOut("write_timeout")
+            gevent.sleep(DRAIN_POLL_SECONDS)  # no event says "the peer acknowledged": look again
 
     def _log_in(self, items: list[bytes | Overlong], conn: Connection) -> None:
         """Every non-blank line of one read, in order (an over-long one by its first bytes)."""

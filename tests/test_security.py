@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import resource
 import socket
@@ -279,3 +280,23 @@ def _answers(port: int) -> bool:
     except (OSError, AssertionError):
         return False
 
+
+
+def test_a_slow_reader_is_held_back_then_gets_every_reply_in_order(make_herd: Callable[..., Herd], fake_places) -> None:
+    herd = make_herd({"Alford": []})
+    herd.client("Alford").ask(iamat())
+    reader = herd.client("Alford", timeout=10)
+    reader.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)  # a small window, as a phone's
+    count = 2000
+    reader.send(b"".join(b"WHATSAT kiwi.cs.ucla.edu 50 %d\n" % (1 + i % 20) for i in range(count)))
+    clients = herd.servers["Alford"].clients
+    wait_until(lambda: clients.held_back >= 1, what="the server to wait for the client to read")
+    asked = len(fake_places.requests)
+    assert asked < count // 4  # it stopped asking Places for replies nobody has read yet
+    bounds = []
+    for _ in range(count):  # now it reads: every reply comes, in order
+        payload = json.loads(reader.read_whatsat().split(b"\n", 1)[1])
+        bounds.append(len(payload["results"]))
+    within = bounds[19]  # asked with bound 20: every place the fake has in the circle
+    assert within > 3 and bounds == [min(1 + i % 20, within) for i in range(count)]
+    assert clients.dropped_slow == 0
