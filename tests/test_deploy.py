@@ -63,3 +63,15 @@ def test_the_systemd_unit_is_hardened_and_restarts() -> None:
     assert service["NoNewPrivileges"] == "yes" and service["ProtectSystem"] == "strict"
     assert service["StateDirectory"] == "herdserver"
     assert unit["Install"]["WantedBy"] == "multi-user.target"
+
+
+def test_compose_keeps_each_servers_state_on_a_volume_and_passes_the_secret() -> None:
+    text = (DEPLOY / "compose.yaml").read_text()
+    herd = config.load(DEPLOY / "herd.compose.ini")
+    assert herd.state_dir == "/var/lib/herdserver" and herd.secret_env == "HERD_SECRET"
+    assert "HERD_SECRET: ${HERD_SECRET:-}" in text
+    top_volumes = text.split("\nvolumes:", 1)[1]
+    for name in compose_services():
+        assert f'"{name}-state:/var/lib/herdserver"' in text
+        assert f"\n  {name}-state:" in top_volumes
+    assert "HERDSERVER_CACHE_DIR" in (DEPLOY / "Dockerfile").read_text()
