@@ -90,9 +90,11 @@ class Node:
 
     def compute_digests(self) -> None:
         """After a bulk load: the store's digests, a chunk at a time, letting clients in between."""
+        started = time.perf_counter()
         for _ in self.store.digest_steps():
             gevent.sleep(0)
         self.digests.set()
+        self.log.info("digests_ready", records=len(self.store), ms="%.1f" % ((time.perf_counter() - started) * 1000))
 
     # -- records -------------------------------------------------------------------------
 

@@ -136,24 +136,33 @@ class Forwarder:
             if sock is None:
                 failures += 1
                 self._mark_down("connect failed")
-                # Full jitter in [delay/2, delay): restarted herds do not reconnect in lockstep.
-                # A hello from the neighbor (it is back) cuts the wait short.
-                self.seen.clear()
-                self.seen.wait(delay * (0.5 + self.rand() / 2))
-                delay = min(delay * 2, self.settings.backoff_max)
+                delay = self._back_off(delay)
                 continue
             if failures:
                 self.need_sync = True  # an outage ended: whatever was missed gets reconciled
             failures = 0
-            delay = self.settings.backoff_initial
             try:
                 self._session(sock)
+                delay = self.settings.backoff_initial  # a clean end: the link works
             except (OSError, LinkDown, gevent.Timeout) as exc:
                 self._mark_down(_describe(exc))
                 failures = 1
+                # What was in flight may be lost with the connection: reconcile as soon
+                # as the neighbor can be reached again, not at the next update.
+                self.need_sync = True
+                sock.close()
+                delay = self._back_off(delay)  # a neighbor that drops every connection is not hammered
             finally:
                 self.connected = False
                 sock.close()
+
+    def _back_off(self, delay: float) -> float:
+        """Wait ``delay`` with full jitter in [delay/2, delay) (restarted herds do not
+        reconnect in lockstep), cut short by a hello from the neighbor (it is back);
+        the next delay."""
+        self.seen.clear()
+        self.seen.wait(delay * (0.5 + self.rand() / 2))
+        return min(delay * 2, self.settings.backoff_max)
 
     def _periodic_deadline(self) -> float:
         interval = self.settings.sync_interval

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+import time
 from collections.abc import Callable
 
 import pytest
@@ -137,5 +139,29 @@ def test_a_foreign_neighbor_gets_plain_at_lines_and_a_full_push(make_herd: Calla
             wait_until(lambda at=at: at in received, 2.5, what="the AT line at the foreign server")
         assert all(line.startswith((b"AT ", b"HELLO ")) for line in received)
         assert not any(line.startswith(b"SYNC") for line in received)
+    finally:
+        server.stop()
+
+
+def test_a_neighbor_that_drops_every_connection_is_retried_with_backoff(make_herd: Callable[..., Herd]) -> None:
+    """Not in a tight loop: connections to a peer that closes each one at once are spaced out."""
+    from gevent.server import StreamServer
+
+    accepted: list[float] = []
+
+    def rude(sock, address) -> None:  # type: ignore[no-untyped-def]
+        accepted.append(time.monotonic())
+        sock.close()
+
+    peers: PeerSettings = replace(FAST_PEERS, backoff_initial=0.05, backoff_max=0.2)
+    herd = make_herd({"Alford": ["Other"], "Other": []}, start=False, peers=peers)
+    other = herd.config.servers["Other"]
+    server = StreamServer((other.host, other.port), rude)
+    server.start()
+    try:
+        herd.start("Alford")
+        wait_until(lambda: len(accepted) >= 6, 5.0, what="a few retries")
+        spans = [b - a for a, b in itertools.pairwise(accepted)]
+        assert min(spans[2:]) >= 0.02  # spaced by the backoff (0.05 doubling to 0.2, jittered to half)
     finally:
         server.stop()
