@@ -40,6 +40,7 @@ from .protocol import LineSplitter, Overlong
 from .sockets import RECV_BYTES, send_nowait
 
 MAX_PIPELINED_WHATSAT = 20  # Places calls in flight for one connection at once
+FAST_PER_BATCH = 4  # WHATSATs of one read that ask Places at once; the rest share node.DEEP_LANE_CALLS
 REPLY_BUFFER_BYTES = 65536  # replies held for one connection before writing
 # Replies a client has not taken yet, as the kernel's send queue counts them (written,
 # not acknowledged), past which it gets no more Places calls until it reads.
@@ -359,9 +360,9 @@ class ClientPort:
         """
         self._log_in(items, conn)
         pending: list[bytes | Greenlet] = []
-        in_flight = buffered = 0
+        in_flight = buffered = calls = 0
         for item in items:
-            reply = self._dispatch(item, conn)
+            reply = self._dispatch(item, conn, calls >= FAST_PER_BATCH)
             if reply is None:
                 continue
             pending.append(reply)
@@ -369,6 +370,7 @@ class ClientPort:
                 buffered += len(reply)
             else:
                 in_flight += 1
+                calls += 1
             if in_flight >= MAX_PIPELINED_WHATSAT or buffered >= REPLY_BUFFER_BYTES:
                 self._write_replies(sock, pending, conn)
                 pending, in_flight, buffered = [], 0, 0
@@ -419,7 +421,7 @@ class ClientPort:
                 sock.sendall(memoryview(data)[sent:])
         self.log.replies(conn.id, replies)  # a WHATSAT's JSON is logged whole only at DEBUG
 
-    def _dispatch(self, item: bytes | Overlong, conn: Connection) -> bytes | Greenlet | None:
+    def _dispatch(self, item: bytes | Overlong, conn: Connection, deep: bool = False) -> bytes | Greenlet | None:
         if isinstance(item, Overlong):
             self.stats.invalid += 1
             self.stats.overlong += 1
@@ -448,7 +450,7 @@ class ClientPort:
         elif word in Responder.WORDS:
             return self.responder.answer(fields, item, conn)
         started = time.perf_counter()
-        reply = self.node.command(item, fields, conn.neighbor)
+        reply = self.node.command(item, fields, conn.neighbor, deep)
         if word in (b"IAMAT", b"AT") and not (reply and reply[:1] == b"?"):
             self.stats.durations[metrics.command_word(word)].observe(time.perf_counter() - started)
         return reply

@@ -18,6 +18,7 @@ from typing import Any, Protocol
 import gevent
 from gevent.event import Event
 from gevent.greenlet import Greenlet
+from gevent.lock import Semaphore
 from gevent.pool import Group
 
 from . import metrics, protocol
@@ -29,6 +30,9 @@ from .state import StateFile
 from .store import Store
 
 NS_PER_S = 1_000_000_000
+# Places calls in flight, server-wide, for WHATSATs past the first few of one read
+# (FAST_PER_BATCH in clients.py): a deep pipeline gets answers, at a pace.
+DEEP_LANE_CALLS = 8
 
 
 class Outlet(Protocol):
@@ -84,6 +88,7 @@ class Node:
         self.known_servers = {server.encode("utf-8") for server in config.servers}
         self.outlets: list[Outlet] = []
         self.calls = Group()  # WHATSATs waiting on Places
+        self.deep_lane = Semaphore(DEEP_LANE_CALLS)
         self.digests = Event()  # set once the store's digests are complete (sync waits for it)
         if store.digests_ready:
             self.digests.set()
@@ -149,7 +154,7 @@ class Node:
 
     # -- WHATSAT ---------------------------------------------------------------------
 
-    def whatsat(self, msg: WhatsAt, line: bytes) -> bytes | Greenlet:
+    def whatsat(self, msg: WhatsAt, line: bytes, deep: bool = False) -> bytes | Greenlet:
         record = self.store.record(msg.client)
         if record is None:
             self.stats.invalid += 1
@@ -157,7 +162,14 @@ class Node:
             self.log.info("invalid", reason="unknown client")
             return protocol.format_invalid(line.strip())
         self.stats.whatsat += 1
-        return self.calls.spawn(self._whatsat, msg, record)
+        return self.calls.spawn(self._whatsat_deep if deep else self._whatsat, msg, record)
+
+    def _whatsat_deep(self, msg: WhatsAt, record: At) -> bytes:
+        """A WHATSAT deep in one connection's pipeline: it shares a few Places slots with
+        every other such one, so clients that pipeline without end (and, not reading,
+        make the server answer for nothing) cannot take the CPU from everyone else."""
+        with self.deep_lane:
+            return self._whatsat(msg, record)
 
     def _whatsat(self, msg: WhatsAt, record: At) -> bytes:
         started = time.perf_counter()
@@ -195,7 +207,9 @@ class Node:
 
     # -- one command from a client connection ------------------------------------------
 
-    def command(self, item: bytes, fields: list[bytes], source: str | None) -> bytes | Greenlet | None:
+    def command(
+        self, item: bytes, fields: list[bytes], source: str | None, deep: bool = False
+    ) -> bytes | Greenlet | None:
         """The reply to one non-blank line of a client connection (None: no reply).
 
         ``source`` names the neighbor the connection belongs to, if it said HELLO.
@@ -206,7 +220,7 @@ class Node:
         if isinstance(msg, At):
             return self.at(msg, item, source)
         if isinstance(msg, WhatsAt):
-            return self.whatsat(msg, item)
+            return self.whatsat(msg, item, deep)
         assert isinstance(msg, Invalid)
         self.stats.invalid += 1
         self.stats.invalid_by[metrics.command_word(fields[0])] += 1

@@ -300,3 +300,24 @@ def test_a_slow_reader_is_held_back_then_gets_every_reply_in_order(make_herd: Ca
     within = bounds[19]  # asked with bound 20: every place the fake has in the circle
     assert within > 3 and bounds == [min(1 + i % 20, within) for i in range(count)]
     assert clients.dropped_slow == 0
+
+
+def test_a_deep_pipeline_shares_a_few_places_slots_and_still_gets_every_answer(
+    make_herd: Callable[..., Herd], fake_places
+) -> None:
+    """One client pipelining many WHATSATs cannot hold more than the fast few plus the
+    shared deep lane's Places calls at once; every answer still comes, in order."""
+    from herdserver import clients, node
+
+    herd = make_herd({"Alford": []})
+    herd.client("Alford").ask(iamat())
+    fake_places.latency = 0.05
+    fake_places.reset()
+    client = herd.client("Alford", timeout=10)
+    count = 60
+    client.send(b"WHATSAT kiwi.cs.ucla.edu 10 1\n" * count)
+    for _ in range(count):
+        assert client.read_whatsat().startswith(b"AT Alford ")
+    assert clients.FAST_PER_BATCH + node.DEEP_LANE_CALLS < clients.MAX_PIPELINED_WHATSAT  # so this means something
+    assert fake_places.max_in_flight <= clients.FAST_PER_BATCH + node.DEEP_LANE_CALLS
+    assert len(fake_places.requests) == count
