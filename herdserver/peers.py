@@ -117,10 +117,6 @@ class Forwarder:
             self.foreign = False  # it said HELLO: a herdserver
         self._mark_up()
 
-    def request_sync(self) -> None:
-        self.need_sync = True
-        self.wake.set()
-
     @property
     def pending(self) -> bool:
         return bool(self.outbox) or self.need_sync
@@ -150,6 +146,7 @@ class Forwarder:
                 # What was in flight may be lost with the connection: reconcile as soon
                 # as the neighbor can be reached again, not at the next update.
                 self.need_sync = True
+                self.connected = False
                 sock.close()
                 delay = self._back_off(delay)  # a neighbor that drops every connection is not hammered
             finally:

@@ -15,7 +15,6 @@ import resource
 import socket
 import time
 from collections.abc import Callable, Mapping
-from typing import Any
 
 import gevent
 from gevent.event import Event
@@ -29,7 +28,6 @@ from .config import HerdConfig
 from .node import Node, Stats
 from .peers import Forwarder, Responder, new_token
 from .places import Provider, make_provider
-from .protocol import At
 from .state import StateFile
 from .store import Store, time_of
 
@@ -216,9 +214,6 @@ class HerdServer:
         if self.state is not None:
             snapshot = [(time_of(line), line) for line in self.store.lines()]
             self.state.compact(snapshot)
-
-    def places_call(self, record: At, radius_m: float, bound: int) -> dict[str, Any]:
-        return self.node.places_call(record, radius_m, bound)
 
 
 def herd_addresses(config: HerdConfig) -> frozenset[str]:

@@ -128,11 +128,6 @@ class Store:
         self._snapshot, self._changes = None, []
         self.digests_ready = True
 
-    def finish_digests(self) -> None:
-        """``digest_steps`` all at once (tests, tools)."""
-        for _ in self.digest_steps():
-            pass
-
     def holds(self, client: bytes, line: bytes) -> bool:
         """True when the record held for ``client`` is exactly ``line`` (canonical form)."""
         return self._lines.get(client) == line
