@@ -47,6 +47,7 @@ REPLY_BUFFER_BYTES = 65536  # replies held for one connection before writing
 UNREAD_BOUND = 64 << 10
 DRAIN_POLL_SECONDS = 0.01
 SWEEP_SECONDS = 1.0  # how often the sweeper looks for clients past their deadlines
+TRUST_REFRESH_SECONDS = 5.0  # herd host names looked up again at most this often (_trusted_after_refresh)
 PEER_LINE_BYTES = 1 << 16  # a neighbor's sync lines may be longer than a client's limit
 # The kernel's buffers per client, fixed (no autotuning up to tens of megabytes):
 # with REPLY_BUFFER_BYTES they bound what a client that reads nothing can leave
@@ -126,9 +127,12 @@ class ClientPort:
         backlog: int | None,
         trust: Trust,
         max_connections: int,
+        refresh_trust: Callable[[], Trust] | None = None,
     ):
         self.node = node
         self.trust = trust
+        self.refresh_trust = refresh_trust
+        self._trust_checked = time.monotonic()
         self.max_connections = max_connections
         self.per_ip: dict[str, int] = {}
         self.refused = 0
@@ -203,6 +207,21 @@ class ClientPort:
         except OSError:
             pass
         sock.close()
+
+    def _trusted_after_refresh(self, conn: Connection) -> bool:
+        """Without a secret, a herd address is trusted by what its host name resolves to,
+        and a name may resolve only later (a container that started after us): look the
+        herd's names up again, at most every TRUST_REFRESH_SECONDS, before refusing.
+        (In the handler's greenlet: the lookup may wait, the event loop does not.)"""
+        if self.refresh_trust is None or self.trust.authenticated:
+            return False
+        now = time.monotonic()
+        if now - self._trust_checked < TRUST_REFRESH_SECONDS:
+            return False
+        self._trust_checked = now
+        self.trust = self.refresh_trust()
+        conn.may_send_at = self.trust.allows_by_address(conn.ip)
+        return conn.may_send_at
 
     def _deadline(self, conn: Connection) -> tuple[float | None, str]:
         return read_deadline(
@@ -432,7 +451,7 @@ class ClientPort:
             return None  # blank: no reply
         word = fields[0]
         if word == b"AT":
-            if not conn.may_send_at:
+            if not conn.may_send_at and not self._trusted_after_refresh(conn):
                 self.stats.at_refused += 1
                 if self.stats.at_refused & (self.stats.at_refused - 1) == 0:
                     self.log.warning("at_refused", conn=conn.id, peer=conn.peer, refused_so_far=self.stats.at_refused)

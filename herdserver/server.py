@@ -89,6 +89,7 @@ class HerdServer:
             backlog=None if listener is not None else 1024,
             trust=self.trust,
             max_connections=self.max_connections,
+            refresh_trust=lambda: Trust(secrets, herd_addresses(config), frozenset(config.peers.trusted)),
         )
         self._workers = Group()  # forwarders, the log flusher, the sweeper, compaction
         self._stopped = Event()

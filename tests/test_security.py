@@ -321,3 +321,22 @@ def test_a_deep_pipeline_shares_a_few_places_slots_and_still_gets_every_answer(
     assert clients.FAST_PER_BATCH + node.DEEP_LANE_CALLS < clients.MAX_PIPELINED_WHATSAT  # so this means something
     assert fake_places.max_in_flight <= clients.FAST_PER_BATCH + node.DEEP_LANE_CALLS
     assert len(fake_places.requests) == count
+
+
+def test_a_herd_host_that_resolves_only_later_is_trusted_once_it_does(
+    make_herd: Callable[..., Herd], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without a secret, herd addresses come from the host names; one that did not
+    resolve at start (a container started later) is looked up again before refusing."""
+    from herdserver import clients, server
+
+    answers = [frozenset()]  # at start: nothing resolves
+    monkeypatch.setattr(server, "herd_addresses", lambda config: answers[0])
+    herd = make_herd({"Alford": []})
+    line = b"AT Alford +0.000000000 kiwi +1+1 " + now_s()
+    monkeypatch.setattr(clients, "TRUST_REFRESH_SECONDS", 3600.0)
+    assert herd.client("Alford").ask(line) == b"? " + line + b"\n"  # not resolvable, and not asked again yet
+    answers[0] = frozenset({"127.0.0.1"})  # the name resolves now
+    monkeypatch.setattr(clients, "TRUST_REFRESH_SECONDS", 0.0)
+    herd.client("Alford").send(line + b"\n")
+    wait_until(lambda: herd.holds("Alford", b"kiwi"), what="the AT line once the herd's name resolves")
