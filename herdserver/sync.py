@@ -26,10 +26,8 @@ records, well under 1% of a full push.
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from functools import reduce
 
 from .store import LEAF_BITS
 
@@ -50,15 +48,6 @@ Levels = Sequence[Sequence[int]]  # the digests of every node, level by level (S
 
 def node_digest(levels: Levels, level: int, index: int) -> int:
     return int(levels[level][index])
-
-
-def fold(leaves: Sequence[int]) -> list[list[int]]:
-    """Every level's digests from the leaves alone (what ``Store`` keeps current)."""
-    levels = [list(leaves)]
-    while len(levels[0]) > 1:
-        below = levels[0]
-        levels.insert(0, [reduce(operator.xor, below[i : i + FANOUT], 0) for i in range(0, len(below), FANOUT)])
-    return levels
 
 
 def children(parents: Sequence[int]) -> list[int]:
