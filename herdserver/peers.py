@@ -29,11 +29,13 @@ import random
 import socket
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 import gevent
 from gevent.event import Event
+from gevent.greenlet import Greenlet
 from gevent.queue import Empty, SimpleQueue
 
 from . import auth, protocol, sync
@@ -137,21 +139,22 @@ class Forwarder:
             if failures:
                 self.need_sync = True  # an outage ended: whatever was missed gets reconciled
             failures = 0
+            broken = False
             try:
                 self._session(sock)
                 delay = self.settings.backoff_initial  # a clean end: the link works
             except (OSError, LinkDown, gevent.Timeout) as exc:
                 self._mark_down(_describe(exc))
                 failures = 1
+                broken = True
                 # What was in flight may be lost with the connection: reconcile as soon
                 # as the neighbor can be reached again, not at the next update.
                 self.need_sync = True
-                self.connected = False
-                sock.close()
-                delay = self._back_off(delay)  # a neighbor that drops every connection is not hammered
             finally:
                 self.connected = False
                 sock.close()
+            if broken:
+                delay = self._back_off(delay)  # a neighbor that drops every connection is not hammered
 
     def _back_off(self, delay: float) -> float:
         """Wait ``delay`` with full jitter in [delay/2, delay) (restarted herds do not
@@ -237,26 +240,32 @@ class Forwarder:
             sock = self._connect(failures=1)  # quiet: a neighbor already gone is no news
             if sock is None:
                 return
-            self._replies = SimpleQueue()
-            reader = gevent.spawn(self._read, sock)
             try:
-                self._hello(sock)
-                self._write(sock, b"BYE\n")
-                sock.shutdown(socket.SHUT_WR)
-                reader.join(timeout)  # until the neighbor closes: it has read the goodbye
+                with self._reading(sock) as reader:
+                    self._hello(sock)
+                    self._write(sock, b"BYE\n")
+                    sock.shutdown(socket.SHUT_WR)
+                    reader.join(timeout)  # until the neighbor closes: it has read the goodbye
             except (OSError, LinkDown):
                 pass
             finally:
-                reader.kill(block=False)
                 sock.close()
+
+    @contextmanager
+    def _reading(self, sock: socket.socket) -> Iterator[Greenlet]:
+        """A reader greenlet for one connection's answers, fresh queue, killed after."""
+        self._replies = SimpleQueue()
+        reader = gevent.spawn(self._read, sock)
+        try:
+            yield reader
+        finally:
+            reader.kill(block=False)
 
     def _session(self, sock: socket.socket) -> None:
         """One connection: hello, then send until ``link_idle`` s pass with nothing to send."""
         self.links_made += 1
         self.connected = True
-        self._replies = SimpleQueue()
-        reader = gevent.spawn(self._read, sock)
-        try:
+        with self._reading(sock) as reader:
             self._hello(sock)
             self.log.info("link_open", neighbor=self.name, herdserver=not self.foreign)
             self._mark_up()
@@ -275,8 +284,6 @@ class Forwarder:
                         break  # idle: close; the next record opens a new connection
             self.log.info("link_idle", neighbor=self.name)
             sock.shutdown(socket.SHUT_WR)
-        finally:
-            reader.kill(block=False)
 
     def _hello(self, sock: socket.socket) -> None:
         """Say who we are; learn whether the neighbor is a herdserver; with a secret,
