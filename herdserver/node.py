@@ -106,10 +106,7 @@ class Node:
     def iamat(self, msg: IAmAt, line: bytes) -> bytes:
         now = self.clock()
         if msg.time_ns > now + self.skew_ns:
-            self.stats.invalid += 1
-            self.stats.invalid_by["IAMAT"] += 1
-            self.log.info("invalid", reason="time ahead of the server's clock", client=msg.client)
-            return protocol.format_invalid(line.strip())
+            return self.invalid("IAMAT", line, "time ahead of the server's clock", client=msg.client)
         self.stats.iamat += 1
         record = protocol.make_at(self.name_bytes, msg, now)
         self.keep(record.client, record.time_ns, record.line, None)
@@ -120,10 +117,7 @@ class Node:
         unless it is invalid (then the ``? `` reply)."""
         self.stats.at_received += 1
         if msg.server not in self.known_servers:
-            self.stats.invalid += 1
-            self.stats.invalid_by["AT"] += 1
-            self.log.info("invalid", reason="AT names a server herd.ini does not list", server=msg.server)
-            return protocol.format_invalid(line.strip())
+            return self.invalid("AT", line, "AT names a server herd.ini does not list", server=msg.server)
         if msg.time_ns > self.clock() + self.skew_ns:
             self.stats.at_future += 1
             self.log.warning("at_dropped", reason="time ahead of the server's clock", line=msg.line)
@@ -157,10 +151,7 @@ class Node:
     def whatsat(self, msg: WhatsAt, line: bytes, deep: bool = False) -> bytes | Greenlet:
         record = self.store.record(msg.client)
         if record is None:
-            self.stats.invalid += 1
-            self.stats.invalid_by["WHATSAT"] += 1
-            self.log.info("invalid", reason="unknown client")
-            return protocol.format_invalid(line.strip())
+            return self.invalid("WHATSAT", line, "unknown client")
         self.stats.whatsat += 1
         return self.calls.spawn(self._whatsat_deep if deep else self._whatsat, msg, record)
 
@@ -222,7 +213,11 @@ class Node:
         if isinstance(msg, WhatsAt):
             return self.whatsat(msg, item, deep)
         assert isinstance(msg, Invalid)
+        return self.invalid(metrics.command_word(fields[0]), msg.line, msg.reason)
+
+    def invalid(self, word: str, line: bytes, reason: str, **details: object) -> bytes:
+        """The ``? `` reply to ``line``, counted under ``word`` and logged with why."""
         self.stats.invalid += 1
-        self.stats.invalid_by[metrics.command_word(fields[0])] += 1
-        self.log.info("invalid", reason=msg.reason)
-        return protocol.format_invalid(msg.line)
+        self.stats.invalid_by[word] += 1
+        self.log.info("invalid", reason=reason, **details)
+        return protocol.format_invalid(line.strip())
