@@ -43,10 +43,10 @@ from dataclasses import dataclass
 import gevent
 from gevent.event import Event
 
+from .config import FSYNC_MODES
 from .logs import EventLog
 
 MAGIC = b"herdserver-state 1\n"
-FSYNC_MODES = ("interval", "always", "never")
 FSYNC_INTERVAL_SECONDS = 1.0
 READ_CHUNK = 1 << 20
 COMPACT_MIN_LINES = 4096  # below this a file is never worth compacting
@@ -63,6 +63,7 @@ class ReplayReport:
     corrupt: int = 0
     torn_tail: bool = False
     first_bad_line: int = 0
+    intact_bytes: int = 0  # where the last whole line ends (a torn tail is cut back to it)
 
 
 def encode(time_ns: int, line: bytes) -> bytes:
@@ -112,6 +113,7 @@ def read_records(path: str, report: ReplayReport) -> Iterator[tuple[bytes, int, 
             number += len(lines)
             report.records += len(good)
             yield from good
+        report.intact_bytes = handle.tell() - len(rest)
         if rest:  # no newline: the write was cut short (power loss, disk full)
             report.torn_tail = True
 
@@ -152,18 +154,11 @@ class StateFile:
         report = ReplayReport()
         load(read_records(self.path, report))
         self.lines_in_file = report.records + report.corrupt
+        if report.torn_tail:
+            os.truncate(self.path, report.intact_bytes)
         self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-        size = os.fstat(self._fd).st_size
-        if size == 0:
+        if os.fstat(self._fd).st_size == 0:
             os.write(self._fd, MAGIC)
-        elif report.torn_tail:
-            os.close(self._fd)
-            with open(self.path, "rb") as handle:
-                data = handle.read()
-            os.truncate(self.path, data.rindex(b"\n") + 1 if b"\n" in data else 0)
-            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
-            if os.fstat(self._fd).st_size == 0:
-                os.write(self._fd, MAGIC)
         return report
 
     def start(self) -> None:
