@@ -339,7 +339,7 @@ def load(path: str | os.PathLike[str]) -> HerdConfig:
         log_level=log_level,
         state_dir=_read_state_dir(reader, path),
         fsync=fsync,
-        secret_env=_read_secret_env(reader),
+        secret_env=_variable_name(reader, "herd", "secret_env", "HERD_SECRET"),
         limits=_read_limits(reader),
         peers=_read_peers(reader),
         places=_read_places(reader),
@@ -373,10 +373,11 @@ def prepare_log_dir(config: HerdConfig) -> None:
             raise ConfigError(config.path, "herd", key, f"{directory} is not writable")
 
 
-def _read_secret_env(reader: _Reader) -> str:
-    name = reader.get("herd", "secret_env", str, "HERD_SECRET", "a variable name")
+def _variable_name(reader: _Reader, section: str, key: str, default: str) -> str:
+    """The name of an environment variable (the value itself never is in the file)."""
+    name = reader.get(section, key, str, default, "a variable name")
     if not name.isidentifier():
-        raise reader.error("herd", "secret_env", f"{name!r} is not an environment variable name")
+        raise reader.error(section, key, f"{name!r} is not an environment variable name")
     return name
 
 
@@ -441,9 +442,7 @@ def _read_places(reader: _Reader) -> PlacesSettings:
     base_url = reader.get("places", "base_url", str, d.base_url, "a URL").rstrip("/")
     if base_url and not (base_url.startswith("http://") or base_url.startswith("https://")):
         raise reader.error("places", "base_url", f"{base_url!r} must be empty or scheme://host[:port]")
-    api_key_env = reader.get("places", "api_key_env", str, d.api_key_env, "a variable name")
-    if not api_key_env.isidentifier():
-        raise reader.error("places", "api_key_env", f"{api_key_env!r} is not an environment variable name")
+    api_key_env = _variable_name(reader, "places", "api_key_env", d.api_key_env)
     return PlacesSettings(
         provider=provider,
         api_key_env=api_key_env,
