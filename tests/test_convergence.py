@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
 
 import pytest
 
@@ -13,6 +15,25 @@ from herdserver.config import PeerSettings
 from .conftest import FAST_PEERS, Herd, iamat, replace, wait_until
 
 N = 60
+
+
+@contextmanager
+def alford_beside(
+    make_herd: Callable[..., Herd], handler: Callable[[Any, Any], None], peers: PeerSettings
+) -> Iterator[Herd]:
+    """Alford alone, its one neighbor "Other" a plain gevent server running ``handler``
+    on Other's port (another implementation, or a misbehaving peer)."""
+    from gevent.server import StreamServer
+
+    herd = make_herd({"Alford": ["Other"], "Other": []}, start=False, peers=peers)
+    other = herd.config.servers["Other"]
+    server = StreamServer((other.host, other.port), handler)
+    server.start()
+    try:
+        herd.start("Alford")
+        yield herd
+    finally:
+        server.stop()
 
 
 def post_everywhere(herd: Herd, prefix: bytes = b"c") -> dict[bytes, bytes]:
@@ -108,8 +129,6 @@ def test_links_close_when_idle_and_reopen_for_the_next_record(make_herd: Callabl
 def test_a_foreign_neighbor_gets_plain_at_lines_and_a_full_push(make_herd: Callable[..., Herd]) -> None:
     """A neighbor that answers our hello with '? ...' (another implementation) is sent
     plain AT lines only: every record at link-up, then each update."""
-    from gevent.server import StreamServer
-
     received: list[bytes] = []
 
     def foreign(sock, address) -> None:  # type: ignore[no-untyped-def]
@@ -124,13 +143,7 @@ def test_a_foreign_neighbor_gets_plain_at_lines_and_a_full_push(make_herd: Calla
 
     # A long connect_timeout: a forwarder that waited it out for the foreign "? HELLO"
     # answer on each new connection would miss the deadlines below.
-    peers: PeerSettings = replace(FAST_PEERS, connect_timeout=5.0)
-    herd = make_herd({"Alford": ["Other"], "Other": []}, start=False, peers=peers)
-    other = herd.config.servers["Other"]
-    server = StreamServer((other.host, other.port), foreign)
-    server.start()
-    try:
-        herd.start("Alford")
+    with alford_beside(make_herd, foreign, replace(FAST_PEERS, connect_timeout=5.0)) as herd:
         wait_until(lambda: herd.servers["Alford"].forwarders["Other"].foreign, what="Other seen as foreign")
         forwarder = herd.servers["Alford"].forwarders["Other"]
         for client in (b"first", b"second"):  # each on a new connection: the link closes when idle
@@ -139,29 +152,17 @@ def test_a_foreign_neighbor_gets_plain_at_lines_and_a_full_push(make_herd: Calla
             wait_until(lambda at=at: at in received, 2.5, what="the AT line at the foreign server")
         assert all(line.startswith((b"AT ", b"HELLO ")) for line in received)
         assert not any(line.startswith(b"SYNC") for line in received)
-    finally:
-        server.stop()
 
 
 def test_a_neighbor_that_drops_every_connection_is_retried_with_backoff(make_herd: Callable[..., Herd]) -> None:
     """Not in a tight loop: connections to a peer that closes each one at once are spaced out."""
-    from gevent.server import StreamServer
-
     accepted: list[float] = []
 
     def rude(sock, address) -> None:  # type: ignore[no-untyped-def]
         accepted.append(time.monotonic())
         sock.close()
 
-    peers: PeerSettings = replace(FAST_PEERS, backoff_initial=0.05, backoff_max=0.2)
-    herd = make_herd({"Alford": ["Other"], "Other": []}, start=False, peers=peers)
-    other = herd.config.servers["Other"]
-    server = StreamServer((other.host, other.port), rude)
-    server.start()
-    try:
-        herd.start("Alford")
+    with alford_beside(make_herd, rude, replace(FAST_PEERS, backoff_initial=0.05, backoff_max=0.2)):
         wait_until(lambda: len(accepted) >= 6, 5.0, what="a few retries")
         spans = [b - a for a, b in itertools.pairwise(accepted)]
         assert min(spans[2:]) >= 0.02  # spaced by the backoff (0.05 doubling to 0.2, jittered to half)
-    finally:
-        server.stop()
