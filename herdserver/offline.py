@@ -30,7 +30,7 @@ import sys
 import threading
 import time
 from array import array
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from json.decoder import scanstring  # type: ignore[attr-defined]
 from os import PathLike
@@ -410,6 +410,16 @@ def _unavailable(exc: Exception) -> str:
     return f"offline place data unavailable: {_reason(exc)}"
 
 
+def _shared(key: tuple[str, str], make: Callable[[], Dataset | str | _Loading]) -> Dataset | str | _Loading:
+    """The process-wide entry for ``key``, made once (failures too, so a broken install
+    is not read again on every WHATSAT)."""
+    with _cache_lock:
+        entry = _cache.get(key)
+        if entry is None:
+            entry = _cache[key] = make()
+        return entry
+
+
 def shared_dataset(path: str | PathLike[str] | None = None, cache_dir: Path | None = None) -> Dataset | str:
     """The process-wide Dataset for path, or the message saying why there is none.
 
@@ -417,19 +427,16 @@ def shared_dataset(path: str | PathLike[str] | None = None, cache_dir: Path | No
     here (seconds) and written to the cache for the next process."""
     from . import offline_cache
 
-    key = _cache_key(path, cache_dir)
-    with _cache_lock:
-        entry = _cache.get(key)
-        if entry is None:
-            try:
-                outcome = offline_cache.ensure(path, cache_dir)
-            except (OSError, ValueError, UnicodeError) as exc:
-                entry = _unavailable(exc)
-            else:
-                if outcome.note:
-                    print(f"herdserver.offline: {outcome.note}", file=sys.stderr)
-                entry = outcome.dataset
-            _cache[key] = entry
+    def make() -> Dataset | str:
+        try:
+            outcome = offline_cache.ensure(path, cache_dir)
+        except (OSError, ValueError, UnicodeError) as exc:
+            return _unavailable(exc)
+        if outcome.note:
+            print(f"herdserver.offline: {outcome.note}", file=sys.stderr)
+        return outcome.dataset
+
+    entry = _shared(_cache_key(path, cache_dir), make)
     if isinstance(entry, _Loading):
         result = entry.wait(None)
         assert result is not None
@@ -444,17 +451,15 @@ def shared_loading(path: str | PathLike[str] | None = None, cache_dir: Path | No
     from . import offline_cache
 
     key = _cache_key(path, cache_dir)
-    with _cache_lock:
-        entry = _cache.get(key)
-        if entry is None:
-            try:
-                found = offline_cache.try_cache(path, cache_dir)
-            except (OSError, ValueError) as exc:  # the source itself is missing: no child can help
-                entry = _unavailable(exc)
-            else:
-                entry = found if found is not None else _Loading(key, path, cache_dir)
-            _cache[key] = entry
-        return entry
+
+    def make() -> Dataset | str | _Loading:
+        try:
+            found = offline_cache.try_cache(path, cache_dir)
+        except (OSError, ValueError) as exc:  # the source itself is missing: no child can help
+            return _unavailable(exc)
+        return found if found is not None else _Loading(key, path, cache_dir)
+
+    return _shared(key, make)
 
 
 class _Loading:
