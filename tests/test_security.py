@@ -20,7 +20,7 @@ from herdserver import auth, limits
 from herdserver.config import Limits, PeerSettings
 
 from .conftest import FAST_PEERS, Herd, LineClient, iamat, replace, wait_until
-from .test_cli import ROOT, free_ports
+from .test_cli import ROOT, accepting, free_ports
 
 KIWI = b"kiwi.cs.ucla.edu"
 
@@ -241,7 +241,7 @@ def test_a_server_at_its_descriptor_limit_refuses_and_keeps_serving(tmp_path: Pa
     )  # fmt: skip
     socks: list[socket.socket] = []
     try:
-        wait_until(lambda: _connects(port), 10.0, what="the server to listen")
+        wait_until(lambda: accepting(port), 10.0, what="the server to listen")
         for i in range(300):  # more than the process has descriptors for
             source = "127.0.0.%d" % (2 + i % 50)  # many addresses: the per-address cap is not what trips
             try:
@@ -261,14 +261,6 @@ def test_a_server_at_its_descriptor_limit_refuses_and_keeps_serving(tmp_path: Pa
     assert b"Too many open files" not in err and b"EMFILE" not in err
     log = (tmp_path / "logs" / "Alford.log").read_text()
     assert "event=refused" in log and "reason=full" in log
-
-
-def _connects(port: int) -> bool:
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=1).close()
-        return True
-    except OSError:
-        return False
 
 
 def _answers(port: int) -> bool:
