@@ -29,14 +29,14 @@ from gevent.greenlet import Greenlet
 from gevent.pool import Group
 from gevent.server import StreamServer
 
-from . import metrics, protocol
-from .auth import Trust, canonical_ip
 from .config import Limits
-from .limits import read_deadline
+from .core import protocol, stats
+from .core.limits import read_deadline
+from .core.protocol import LineSplitter, Overlong
+from .core.trust import Trust, canonical_ip
 from .logs import EventLog
 from .node import Node
 from .peers import Responder
-from .protocol import LineSplitter, Overlong
 from .sockets import RECV_BYTES, send_nowait
 
 MAX_PIPELINED_WHATSAT = 20  # Places calls in flight for one connection at once
@@ -471,7 +471,7 @@ class ClientPort:
         started = time.perf_counter()
         reply = self.node.command(item, fields, conn.neighbor, deep)
         if word in (b"IAMAT", b"AT") and not (reply and reply[:1] == b"?"):
-            self.stats.durations[metrics.command_word(word)].observe(time.perf_counter() - started)
+            self.stats.durations[stats.command_word(word)].observe(time.perf_counter() - started)
         return reply
 
 

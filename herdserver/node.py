@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import gevent
@@ -21,13 +19,14 @@ from gevent.greenlet import Greenlet
 from gevent.lock import Semaphore
 from gevent.pool import Group
 
-from . import metrics, protocol
 from .config import HerdConfig
+from .core import places_json, protocol, stats
+from .core.protocol import At, IAmAt, Invalid, WhatsAt
+from .core.stats import Stats
+from .core.store import Store
 from .logs import EventLog
 from .places import Provider
-from .protocol import At, IAmAt, Invalid, WhatsAt
 from .state import StateFile
-from .store import Store
 
 NS_PER_S = 1_000_000_000
 # Places calls in flight, server-wide, for WHATSATs past the first few of one read
@@ -41,25 +40,6 @@ class Outlet(Protocol):
     name: str
 
     def offer(self, client: bytes, line: bytes) -> None: ...
-
-
-@dataclass
-class Stats:
-    iamat: int = 0
-    whatsat: int = 0
-    at_received: int = 0
-    at_stored: int = 0
-    at_future: int = 0  # AT lines dropped: time too far ahead of our clock
-    at_refused: int = 0  # AT lines from connections not allowed to send them
-    invalid: int = 0
-    crashes: list[str] = field(default_factory=list)
-    # -- read by metrics.py at scrape time (plain ints on the hot path, no prometheus calls) --
-    at_bytes_in: int = 0  # bytes of AT lines received (their newline included)
-    at_duplicate: int = 0  # AT lines dropped unparsed: byte-identical to the record held
-    overlong: int = 0  # lines over max_line_bytes
-    invalid_by: Counter[str] = field(default_factory=Counter)  # invalid commands by word (metrics.command_word)
-    durations: dict[str, metrics.Histogram] = field(default_factory=metrics.command_histograms)
-    places: metrics.PlacesStats = field(default_factory=metrics.PlacesStats)
 
 
 class Node:
@@ -165,7 +145,7 @@ class Node:
     def _whatsat(self, msg: WhatsAt, record: At) -> bytes:
         started = time.perf_counter()
         payload = self.places_call(record, msg.radius_m, msg.bound)
-        reply = protocol.format_whatsat_reply(record.line, payload)
+        reply = places_json.format_whatsat_reply(record.line, payload)
         self.stats.durations["WHATSAT"].observe(time.perf_counter() - started)
         return reply
 
@@ -181,10 +161,10 @@ class Node:
                 payload = self.provider.nearby(record.location.lat, record.location.lon, radius_m, bound)
         except Exception:
             self.log.exception("places_crashed", provider=self.provider.name)
-            payload = protocol.places_error("UNKNOWN_ERROR", "internal error while asking Places")
+            payload = places_json.places_error("UNKNOWN_ERROR", "internal error while asking Places")
         if payload is None:
-            payload = protocol.places_error("UNKNOWN_ERROR", f"Places did not answer within {deadline:g} s")
-        payload = protocol.cut_results(payload, bound)
+            payload = places_json.places_error("UNKNOWN_ERROR", f"Places did not answer within {deadline:g} s")
+        payload = places_json.cut_results(payload, bound)
         elapsed = time.perf_counter() - started
         self.stats.places.observe(self.provider.name, str(payload.get("status")), elapsed)
         self.log.info(
@@ -213,7 +193,7 @@ class Node:
         if isinstance(msg, WhatsAt):
             return self.whatsat(msg, item, deep)
         assert isinstance(msg, Invalid)
-        return self.invalid(metrics.command_word(fields[0]), msg.line, msg.reason)
+        return self.invalid(stats.command_word(fields[0]), msg.line, msg.reason)
 
     def invalid(self, word: str, line: bytes, reason: str, **details: object) -> bytes:
         """The ``? `` reply to ``line``, counted under ``word`` and logged with why."""

@@ -37,7 +37,7 @@ from os import PathLike
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from .protocol import places_error
+from .core.places_json import places_error
 
 DATA_FILE = "cities1000.json"
 ATTRIBUTION = (

@@ -38,10 +38,10 @@ from gevent.event import Event
 from gevent.greenlet import Greenlet
 from gevent.queue import Empty, SimpleQueue
 
-from . import auth, protocol, sync
 from .config import PeerSettings, ServerConfig
+from .core import handshake, protocol, sync
+from .core.protocol import At, LineSplitter, Overlong
 from .logs import EventLog
-from .protocol import At, LineSplitter, Overlong
 from .sockets import send_nowait
 
 if TYPE_CHECKING:
@@ -317,10 +317,10 @@ class Forwarder:
             raise LinkDown(f"unexpected hello answer {b' '.join(reply[:3])!r}")
         if self.secrets:
             their_nonce, their_proof = reply[4], reply[5]
-            if not auth.verify(self.secrets, their_proof, b"responder", me, self.name_bytes, nonce, their_nonce):
+            if not handshake.verify(self.secrets, their_proof, b"responder", me, self.name_bytes, nonce, their_nonce):
                 self.log.error("auth_failed", neighbor=self.name, reason="the neighbor did not prove the secret")
                 raise LinkDown("the neighbor did not prove the shared secret")
-            ours = auth.proof(self.secrets[0], b"initiator", me, self.name_bytes, nonce, their_nonce)
+            ours = handshake.proof(self.secrets[0], b"initiator", me, self.name_bytes, nonce, their_nonce)
             self._write(sock, b"AUTH " + ours + b"\n")
         self.foreign = False
         self._note_boot(reply[3])
@@ -539,7 +539,7 @@ class Responder:
         nonce = new_token().encode()
         conn.nonces = (fields[2], fields[4], nonce)
         me = self.node.name_bytes
-        ours = auth.proof(self.secrets[0], b"responder", fields[2], me, fields[4], nonce) if self.secrets else b"-"
+        ours = handshake.proof(self.secrets[0], b"responder", fields[2], me, fields[4], nonce) if self.secrets else b"-"
         return b"HELLO %s %s %s %s %s\n" % (HELLO_VERSION, me, self.boot_id, nonce, ours)
 
     def _auth(self, fields: list[bytes], item: bytes, conn: Any) -> bytes | None:
@@ -548,7 +548,8 @@ class Responder:
             return protocol.format_invalid(item.strip())
         initiator, nonce_i, nonce_r = conn.nonces
         conn.nonces = None  # one proof per hello: no second try on the same nonces
-        if not auth.verify(self.secrets, fields[1], b"initiator", initiator, self.node.name_bytes, nonce_i, nonce_r):
+        me = self.node.name_bytes
+        if not handshake.verify(self.secrets, fields[1], b"initiator", initiator, me, nonce_i, nonce_r):
             self.log.warning("auth_failed", conn=conn.id, neighbor=conn.neighbor, reason="bad proof")
             return protocol.format_invalid(item.strip())
         conn.may_send_at = True

@@ -21,7 +21,7 @@ import requests
 from requests.adapters import HTTPAdapter
 
 from .config import PlacesSettings, effective_provider
-from .protocol import cut_results, places_error
+from .core.places_json import cut_results, places_error
 
 GOOGLE_ORIGIN = "https://places.googleapis.com"
 GOOGLE_LEGACY_ORIGIN = "https://maps.googleapis.com"

@@ -21,15 +21,17 @@ from gevent.event import Event
 from gevent.greenlet import Greenlet
 from gevent.pool import Group
 
-from . import http, limits, logs
-from .auth import Trust, canonical_ip
+from . import http, logs
 from .clients import ClientPort, Connection
 from .config import HerdConfig
-from .node import Node, Stats
+from .core import limits
+from .core.stats import Stats
+from .core.store import Store, time_of
+from .core.trust import Trust, canonical_ip
+from .node import Node
 from .peers import Forwarder, Responder, new_token
 from .places import Provider, make_provider
 from .state import StateFile
-from .store import Store, time_of
 
 LOG_FLUSH_SECONDS = 0.05  # short: each flush formats what came in since, holding the loop that long
 COMPACT_CHECK_SECONDS = 5.0

@@ -9,8 +9,8 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from herdserver import metrics
 from herdserver.config import ServerConfig
+from herdserver.core import stats
 from herdserver.server import HerdServer
 
 from .conftest import Herd, iamat, wait_until
@@ -105,7 +105,7 @@ def test_metrics_count_commands_links_places_and_logs(triangle: Herd) -> None:
 
 
 def test_histogram_buckets_are_cumulative_and_le_inclusive() -> None:
-    hist = metrics.Histogram((0.1, 1.0))
+    hist = stats.Histogram((0.1, 1.0))
     for seconds in (0.05, 0.1, 0.5, 1.0, 3.0):
         hist.observe(seconds)
     assert hist.cumulative() == [("0.1", 2), ("1.0", 4), ("+Inf", 5)]
@@ -113,9 +113,9 @@ def test_histogram_buckets_are_cumulative_and_le_inclusive() -> None:
 
 
 def test_hot_path_counters_are_plain_ints(triangle: Herd) -> None:
-    stats = triangle.servers["Alford"].stats
-    assert all(type(getattr(stats, f)) is int for f in ("iamat", "at_received", "at_stored", "at_duplicate"))
-    assert type(stats.durations["IAMAT"].counts[0]) is int
+    counters = triangle.servers["Alford"].stats
+    assert all(type(getattr(counters, f)) is int for f in ("iamat", "at_received", "at_stored", "at_duplicate"))
+    assert type(counters.durations["IAMAT"].counts[0]) is int
 
 
 def test_livez_and_readyz(make_herd: Any) -> None:

@@ -14,7 +14,8 @@ from typing import Any
 
 import gevent
 
-from herdserver import logs, protocol
+from herdserver import logs
+from herdserver.core import places_json
 
 from .conftest import LineClient, free_ports, iamat, wait_until
 
@@ -24,7 +25,7 @@ AT_REPLY = b"AT Alford +0.000000001 kiwi +34.068930-118.445127 1.000000000\n"
 
 def whatsat_reply(status: str = "OK", results: int = 2) -> bytes:
     payload = {"html_attributions": [], "results": [{"name": f"place {i}"} for i in range(results)], "status": status}
-    return protocol.format_whatsat_reply(AT_REPLY.rstrip(b"\n"), payload)
+    return places_json.format_whatsat_reply(AT_REPLY.rstrip(b"\n"), payload)
 
 
 def read_log(tmp_path: Path, level: str) -> str:

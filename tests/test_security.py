@@ -16,8 +16,8 @@ from typing import Any
 import gevent
 import pytest
 
-from herdserver import auth, limits
 from herdserver.config import Limits, PeerSettings
+from herdserver.core import handshake, limits
 
 from .conftest import FAST_PEERS, Herd, LineClient, iamat, replace, wait_until
 from .test_cli import ROOT, accepting, free_ports
@@ -151,12 +151,12 @@ def test_trusted_foreign_peers_may_send_at_with_a_secret(make_herd: Callable[...
 
 
 def test_proofs_bind_both_names_both_nonces_and_the_role() -> None:
-    p = auth.proof(b"k", b"initiator", b"A", b"B", b"n1", b"n2")
-    assert auth.verify((b"x", b"k"), p, b"initiator", b"A", b"B", b"n1", b"n2")
+    p = handshake.proof(b"k", b"initiator", b"A", b"B", b"n1", b"n2")
+    assert handshake.verify((b"x", b"k"), p, b"initiator", b"A", b"B", b"n1", b"n2")
     for args in [(b"responder", b"A", b"B", b"n1", b"n2"), (b"initiator", b"B", b"A", b"n1", b"n2"),
                  (b"initiator", b"A", b"B", b"n2", b"n1"), (b"initiator", b"A", b"C", b"n1", b"n2")]:  # fmt: skip
-        assert not auth.verify((b"k",), p, *args)
-    assert not auth.verify((b"other",), p, b"initiator", b"A", b"B", b"n1", b"n2")
+        assert not handshake.verify((b"k",), p, *args)
+    assert not handshake.verify((b"other",), p, b"initiator", b"A", b"B", b"n1", b"n2")
 
 
 # ------------------------------------------------------------------ connection limits

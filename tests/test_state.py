@@ -9,9 +9,9 @@ import gevent
 import pytest
 
 from herdserver import state as state_mod
+from herdserver.core.store import Store
 from herdserver.logs import EventLog
 from herdserver.state import MAGIC, StateFile, StateLocked, encode
-from herdserver.store import Store
 
 
 def log(tmp_path: Path) -> EventLog:

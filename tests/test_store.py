@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import itertools
 
-from herdserver.protocol import At, parse
-from herdserver.store import Store
+from herdserver.core.protocol import At, parse
+from herdserver.core.store import Store
 
 
 def at(t: bytes, server: bytes = b"Alford", client: bytes = b"kiwi", loc: bytes = b"+1+1") -> At:

@@ -7,9 +7,9 @@ from array import array
 
 import pytest
 
-from herdserver import sync
-from herdserver.protocol import At, parse
-from herdserver.store import Store, fold_levels
+from herdserver.core import sync
+from herdserver.core.protocol import At, parse
+from herdserver.core.store import Store, fold_levels
 
 
 def line(client: bytes, t: int, server: bytes = b"Alford") -> bytes:

@@ -22,7 +22,7 @@ from typing import Any
 from bench.harness import HOST, BenchError, Herd, Lab, LoadWorker, cpu_seconds, stable_rss_kb
 from bench.report import Row, Section, Target
 from bench.scenarios.common import JOB_SLACK, QUICK, Context, closed_loop, target
-from herdserver.limits import max_connections
+from herdserver.core.limits import max_connections
 
 SECRET_ENV = "HERD_BENCH_SECRET"
 LIMITS = {"line_timeout": 2, "write_timeout": 3, "idle_timeout": 300, "max_connections_per_ip": 1000,

@@ -1,4 +1,4 @@
-"""Who may send AT lines, and the herd handshake's proofs. Pure: no sockets.
+"""Who may send AT lines. Pure: no sockets.
 
 With a shared secret (``[herd] secret_env`` names the variable; several
 secrets, comma-separated, are all accepted and the first is used, so a key is
@@ -14,26 +14,8 @@ only: on one shared host that is every local process.
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import ipaddress
 from dataclasses import dataclass
-
-PROTOCOL = b"herdserver/1"
-NO_PROOF = b"-"
-
-
-def proof(secret: bytes, role: bytes, initiator: bytes, responder: bytes, nonce_i: bytes, nonce_r: bytes) -> bytes:
-    """The hex HMAC one end sends: ``role`` is b"initiator" or b"responder"."""
-    message = b" ".join((PROTOCOL, role, initiator, responder, nonce_i, nonce_r))
-    return hmac.new(secret, message, hashlib.sha256).hexdigest().encode("ascii")
-
-
-def verify(
-    secrets: tuple[bytes, ...], given: bytes, role: bytes, initiator: bytes, responder: bytes, n_i: bytes, n_r: bytes
-) -> bool:
-    """True when ``given`` is the proof for any of ``secrets`` (constant-time compares)."""
-    return any(hmac.compare_digest(proof(s, role, initiator, responder, n_i, n_r), given) for s in secrets)
 
 
 def canonical_ip(address: str) -> str:
