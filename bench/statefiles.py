@@ -1,4 +1,4 @@
-"""State files the bench writes directly (herdserver.state's format), for replay and sync.
+"""State files the bench writes directly (herdserver.statefile's format), for replay and sync.
 
 Every line is a canonical AT line as a server makes it (``protocol.make_at``), so
 a replayed record and the same record received from a neighbor hash alike.
@@ -11,7 +11,8 @@ import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from herdserver import protocol, state
+from herdserver import statefile as state
+from herdserver.core import protocol
 
 UCLA = b"+34.068930-118.445127"
 BASE_S = int(time.time()) - 86_400  # a day ago: never "ahead of the server's clock"

@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     raise_fd_limit()
     from .server import HerdServer
-    from .state import StateLocked
+    from .statefile import StateLocked
 
     try:
         server = HerdServer(config, args.name)

@@ -22,7 +22,6 @@ import re
 import sys
 import time
 import traceback
-from collections.abc import Callable
 from typing import Any, TextIO
 
 from .config import LOG_STDOUT
@@ -130,9 +129,6 @@ class EventLog:
         self.stream: TextIO | None = self._open()
         self.lines_written = 0  # herd_log_lines_total
         self.lines_dropped = 0  # herd_log_lines_dropped_total: the write failed
-        # event name -> callback(event, values), called for that event whatever the level (http.py keeps
-        # recent link events this way); not for traffic, which never goes through _log.
-        self.watchers: dict[str, Callable[[str, dict[str, Any]], None]] = {}
         self.pending: list[_Record] = []
         self.buffered = 0  # about how many bytes ``pending`` will format to
         self.max_buffer = max_buffer
@@ -166,10 +162,6 @@ class EventLog:
         self.stream = stream
 
     def _log(self, level: int, name: str, event: str, values: dict[str, Any], extra: str = "") -> None:
-        if self.watchers:
-            watcher = self.watchers.get(event)
-            if watcher is not None:
-                watcher(event, values)
         if level < self.level:
             return
         text = " ".join([f"{key}={escape(value)}" for key, value in values.items()])

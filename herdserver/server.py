@@ -1,11 +1,15 @@
-"""One herd server: composes the parts, starts and stops them (the lifecycle only).
+"""One herd server: the composition root. Makes the parts, wires them, starts and
+stops them, and builds the status snapshot the ops side reads.
 
 | part | module |
 |---|---|
-| the client port and its connections | ``clients.ClientPort`` |
-| what a command does: store, state file, flood, Places | ``node.Node`` |
-| one forwarder per neighbor, and the answering side of their hellos | ``peers`` |
-| the state file | ``state.StateFile`` |
+| the client port and its connections | ``net.clients.ClientPort`` |
+| what each line does, counted once; persist before replying | ``net.commands.Commands`` |
+| newer wins, journal, flood to every link but the source | ``core.replica.Replica`` |
+| WHATSAT's Places calls | ``net.whatsat.WhatsatLanes`` |
+| one link per neighbor, and the answering side of theirs | ``net.links``, ``net.responder`` |
+| the state file | ``statefile.StateFile`` |
+| metrics, health, status, the page | ``ops.web.HttpFront`` (reads ``status()``) |
 """
 
 from __future__ import annotations
@@ -21,17 +25,22 @@ from gevent.event import Event
 from gevent.greenlet import Greenlet
 from gevent.pool import Group
 
-from . import http, logs
-from .clients import ClientPort, Connection
+from . import logs
 from .config import HerdConfig
 from .core import limits
+from .core.replica import Replica
 from .core.stats import Stats
+from .core.status import RecentEvents, ServerStatus
 from .core.store import Store, time_of
 from .core.trust import Trust, canonical_ip
-from .node import Node
-from .peers import Forwarder, Responder, new_token
+from .net.clients import ClientPort, Connection
+from .net.commands import Commands
+from .net.links import Link, new_token
+from .net.responder import Responder
+from .net.whatsat import WhatsatLanes
+from .ops.web import HttpFront
 from .places import Provider, make_provider
-from .state import StateFile
+from .statefile import StateFile
 
 LOG_FLUSH_SECONDS = 0.05  # short: each flush formats what came in since, holding the loop that long
 COMPACT_CHECK_SECONDS = 5.0
@@ -65,41 +74,53 @@ class HerdServer:
         self.state = StateFile(state_path, config.fsync, self.log) if state_path else None
         self.store = Store()
         self.provider = provider if provider is not None else make_provider(config.places)
-        self.node = Node(config, name, self.store, self.state, self.provider, self.log, clock)
-        self.stats: Stats = self.node.stats
+        self.stats = Stats()
+        self.events = RecentEvents()
         secrets = config.secrets(os.environ if environ is None else environ)
         self.trust = Trust(secrets, herd_addresses(config), frozenset(config.peers.trusted))
-        self.forwarders = {
-            neighbor: Forwarder(config.servers[neighbor], config.peers, self.node, self.log, self.boot_id, secrets)
+        self.replica = Replica(self.store, config.servers, self.limits.max_clock_skew, self.state)
+        self.whatsat = WhatsatLanes(self.provider, config.places.timeout, self.stats, self.log)
+        self.commands = Commands(
+            name, self.replica, self.whatsat, self.stats, self.log, self.state, self.trust,
+            refresh_trust=lambda: Trust(secrets, herd_addresses(config), frozenset(config.peers.trusted)),
+            clock=clock,
+        )
+        me_bytes = name.encode("utf-8")
+        self.links = {
+            neighbor: Link(
+                config.servers[neighbor], config.peers, me_bytes, self.store, self.commands.digests,
+                self.commands.receive_at, self.commands.persist, self.log, self.events, self.boot_id, secrets,
+            )
             for neighbor in self.me.neighbors
         }
-        self.node.outlets = list(self.forwarders.values())
+        self.replica.outlets = list(self.links.values())
         others = tuple(n for n in config.servers if n != name)
         self.responder = Responder(
-            self.node, self.boot_id, others, self.log, self._peer_said_hello, secrets, self._peer_said_bye
+            me_bytes, self.store, self.commands.digests, self.boot_id, others, self.log,
+            self._peer_said_hello, secrets, self._peer_said_bye,
         )
+        self.commands.herd_words = self.responder
         fd_limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
         self.max_connections = limits.max_connections(
             self.limits.max_connections, fd_limit, len(self.me.neighbors), config.places.pool_size
         )
         self.clients = ClientPort(
-            self.node,
-            self.responder,
+            self.commands,
             self.limits,
             self.log,
             listener if listener is not None else (self.me.host, self.me.port),
             backlog=None if listener is not None else 1024,
-            trust=self.trust,
             max_connections=self.max_connections,
-            refresh_trust=lambda: Trust(secrets, herd_addresses(config), frozenset(config.peers.trusted)),
         )
-        self._workers = Group()  # forwarders, the log flusher, the sweeper, compaction
+        self._workers = Group()  # links, the log flusher, the sweeper, compaction
         self._stopped = Event()
         self.started_at = 0.0
+        self._started_monotonic = 0.0
         self.state_loaded = False
-        # Metrics, /status and the herd page on [server:X] http_port (None when it is 0);
-        # made before start() as it watches the log for link events.
-        self.http = http.HttpFront(self) if self.me.http_port else None
+        # Metrics, /status and the herd page on [server:X] http_port (None when it is 0).
+        self.http = (
+            HttpFront(self.status, config, self.me, self.store.get, self.log) if self.me.http_port else None
+        )
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -118,6 +139,7 @@ class HerdServer:
     def start(self) -> None:
         """Replay the state file, then listen, then start the forwarders."""
         self.started_at = time.time()
+        self._started_monotonic = time.monotonic()
         if self.http is not None:  # first: a taken http_port stops the start before anything runs
             self.http.start()
         if self.state is not None:
@@ -136,8 +158,8 @@ class HerdServer:
             )
             self.state.start()
             self._spawn_worker(self._compact_when_needed)
-            self.node.digests.clear()
-            self._workers.spawn(self.node.compute_digests).link_exception(self._worker_died)
+            self.commands.digests.clear()
+            self._workers.spawn(self.commands.compute_digests).link_exception(self._worker_died)
         self.state_loaded = True
         self.clients.start()
         self.log.info(
@@ -149,20 +171,20 @@ class HerdServer:
             links="authenticated" if self.trust.authenticated else "by-address",
             max_connections=self.max_connections,
         )
-        for forwarder in self.forwarders.values():
-            self._spawn_worker(forwarder.run)
+        for link in self.links.values():
+            self._spawn_worker(link.run)
         self._spawn_worker(self._flush_logs)
         self._spawn_worker(self.clients.park_quiet_clients)
 
     def _peer_said_hello(self, name: str) -> None:
-        forwarder = self.forwarders.get(name)
-        if forwarder is not None:
-            forwarder.peer_seen()
+        link = self.links.get(name)
+        if link is not None:
+            link.peer_seen()
 
     def _peer_said_bye(self, name: str) -> None:
-        forwarder = self.forwarders.get(name)
-        if forwarder is not None:
-            forwarder.neighbor_left()
+        link = self.links.get(name)
+        if link is not None:
+            link.neighbor_left()
 
     def _spawn_worker(self, func: Callable[[], None]) -> None:
         greenlet = self._workers.spawn(func)
@@ -185,11 +207,11 @@ class HerdServer:
         self.clients.close()
         self.clients.handlers.join(timeout=grace)
         self.clients.handlers.kill(timeout=1)
-        self.node.calls.kill(timeout=1)
+        self.whatsat.close()
         self._workers.kill(timeout=1)
         goodbyes = Group()
-        for forwarder in self.forwarders.values():
-            goodbyes.spawn(forwarder.say_goodbye, GOODBYE_SECONDS)
+        for link in self.links.values():
+            goodbyes.spawn(link.say_goodbye, GOODBYE_SECONDS)
         goodbyes.join(timeout=GOODBYE_SECONDS + 0.1)
         if self.http is not None:
             self.http.stop()
@@ -217,6 +239,31 @@ class HerdServer:
         if self.state is not None:
             snapshot = [(time_of(line), line) for line in self.store.lines()]
             self.state.compact(snapshot)
+
+
+    def status(self) -> ServerStatus:
+        """A snapshot of this server for the metrics and the HTTP side."""
+        connections = list(self.clients.connections.values())
+        return ServerStatus(
+            name=self.name,
+            address="%s:%d" % self.address,
+            http=f"{self.me.host}:{self.me.http_port}" if self.me.http_port else None,
+            time=time.time(),
+            uptime_s=time.monotonic() - self._started_monotonic if self._started_monotonic else 0.0,
+            provider=self.provider.name,
+            records=len(self.store),
+            listening=self.listening,
+            state_loaded=self.state_loaded,
+            open_connections=len(connections),
+            parked_connections=sum(1 for conn in connections if conn.watcher is not None),
+            links=tuple(link.state() for link in self.links.values()),
+            stats=self.stats,
+            refused=self.clients.refused,
+            dropped_slow=self.clients.dropped_slow,
+            log_lines=self.log.lines_written,
+            log_lines_dropped=self.log.lines_dropped,
+            events=tuple(self.events.snapshot()),
+        )
 
 
 def herd_addresses(config: HerdConfig) -> frozenset[str]:

@@ -151,7 +151,7 @@ class Herd:
         return self.servers[name].store.get(client)
 
     def links_up(self) -> bool:
-        return all(f.up.is_set() for s in self.servers.values() for f in s.forwarders.values())
+        return all(f.up.is_set() for s in self.servers.values() for f in s.links.values())
 
     def shutdown(self) -> None:
         for client in self.clients:

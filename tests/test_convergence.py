@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from herdserver.config import PeerSettings
+from herdserver.core.status import PeerKind
 
 from .conftest import FAST_PEERS, Herd, iamat, replace, wait_until
 
@@ -111,13 +112,13 @@ def test_periodic_anti_entropy_repairs_a_divergence_made_on_purpose(make_herd: C
     holiday = herd.servers["Holiday"]
     assert holiday.store.offer_line(b"hidden", 1_700_000_000 * 10**9, line)
     wait_until(lambda: all(herd.holds(n, b"hidden") == line for n in herd.servers), what="anti-entropy")
-    synced = sum(f.syncs for s in herd.servers.values() for f in s.forwarders.values())
+    synced = sum(f.syncs for s in herd.servers.values() for f in s.links.values())
     assert synced > len(herd.servers)  # more than the start-up round: the timer did it
 
 
 def test_links_close_when_idle_and_reopen_for_the_next_record(make_herd: Callable[..., Herd]) -> None:
     herd = make_herd({"Alford": ["Ball"], "Ball": []})
-    alford = herd.servers["Alford"].forwarders["Ball"]
+    alford = herd.servers["Alford"].links["Ball"]
     wait_until(lambda: not alford.connected, what="the start-up link to close when idle")
     made = alford.links_made
     at = herd.client("Alford").ask(iamat()).rstrip(b"\n")
@@ -144,8 +145,8 @@ def test_a_foreign_neighbor_gets_plain_at_lines_and_a_full_push(make_herd: Calla
     # A long connect_timeout: a forwarder that waited it out for the foreign "? HELLO"
     # answer on each new connection would miss the deadlines below.
     with alford_beside(make_herd, foreign, replace(FAST_PEERS, connect_timeout=5.0)) as herd:
-        wait_until(lambda: herd.servers["Alford"].forwarders["Other"].foreign, what="Other seen as foreign")
-        forwarder = herd.servers["Alford"].forwarders["Other"]
+        wait_until(lambda: herd.servers["Alford"].links["Other"].kind is PeerKind.FOREIGN, what="Other seen as foreign")
+        forwarder = herd.servers["Alford"].links["Other"]
         for client in (b"first", b"second"):  # each on a new connection: the link closes when idle
             wait_until(lambda: not forwarder.connected, what="the link to go idle")
             at = herd.client("Alford").ask(iamat(client)).rstrip(b"\n")

@@ -84,17 +84,6 @@ def test_reopen_writes_to_a_new_file_after_a_rename(tmp_path: Path) -> None:
     assert log.lines_written == 3 and log.lines_dropped == 0
 
 
-def test_link_watchers_see_events_whatever_the_level(tmp_path: Path) -> None:
-    log = logs.EventLog("Alford", str(tmp_path / "a.log"), "ERROR")
-    seen: list[tuple[str, dict[str, Any]]] = []
-    log.watchers["link_up"] = lambda event, values: seen.append((event, values))
-    log.info("link_up", neighbor="Ball")
-    log.info("open", conn=1)
-    log.close()
-    assert seen == [("link_up", {"neighbor": "Ball"})]
-    assert (tmp_path / "a.log").read_text() == ""
-
-
 def write_one(tmp_path: Path, log_dir: str) -> tuple[Path, int, int]:
     port, http_port = free_ports(2)
     path = tmp_path / "herd.ini"

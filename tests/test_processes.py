@@ -24,7 +24,7 @@ from pathlib import Path
 import gevent
 import pytest
 
-from herdserver.state import ReplayReport, read_records
+from herdserver.statefile import ReplayReport, read_records
 
 from .conftest import iamat, wait_until
 from .procnet import kill_by_port, pids_on_port

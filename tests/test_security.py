@@ -18,6 +18,7 @@ import pytest
 
 from herdserver.config import Limits, PeerSettings
 from herdserver.core import handshake, limits
+from herdserver.core.status import PeerKind
 
 from .conftest import FAST_PEERS, Herd, LineClient, iamat, replace, wait_until
 from .test_cli import ROOT, accepting, free_ports
@@ -93,8 +94,8 @@ def test_a_herd_neighbor_slow_to_answer_a_hello_is_not_taken_for_a_foreign_one(
     answered as a herdserver before is then retried, not downgraded to foreign: as a
     foreign peer it would get plain AT lines, which it refuses without our proof."""
     herd = make_herd({"Alford": ["Ball"], "Ball": []}, secret="s3cret")
-    forwarder = herd.servers["Alford"].forwarders["Ball"]
-    wait_until(lambda: forwarder.foreign is False and not forwarder.connected, what="a first, answered hello")
+    link = herd.servers["Alford"].links["Ball"]
+    wait_until(lambda: link.kind is PeerKind.HERDSERVER and not link.connected, what="a first, answered hello")
     responder = herd.servers["Ball"].responder
     answer_hello = responder._hello
     late = [FAST_PEERS.connect_timeout + 0.5]
@@ -110,7 +111,7 @@ def test_a_herd_neighbor_slow_to_answer_a_hello_is_not_taken_for_a_foreign_one(
     alford = herd.servers["Alford"]
     alford.log.flush()
     text = (Path(herd.config.log_dir) / "Alford.log").read_text()
-    assert forwarder.foreign is False and not late
+    assert link.kind is PeerKind.HERDSERVER and not late
     assert "event=peer_foreign" not in text and "no answer to the hello" in text
 
 
@@ -299,7 +300,7 @@ def test_a_deep_pipeline_shares_a_few_places_slots_and_still_gets_every_answer(
 ) -> None:
     """One client pipelining many WHATSATs cannot hold more than the fast few plus the
     shared deep lane's Places calls at once; every answer still comes, in order."""
-    from herdserver import clients, node
+    from herdserver.net import clients, whatsat
 
     herd = make_herd({"Alford": []})
     herd.client("Alford").ask(iamat())
@@ -310,8 +311,8 @@ def test_a_deep_pipeline_shares_a_few_places_slots_and_still_gets_every_answer(
     client.send(b"WHATSAT kiwi.cs.ucla.edu 10 1\n" * count)
     for _ in range(count):
         assert client.read_whatsat().startswith(b"AT Alford ")
-    assert clients.FAST_PER_BATCH + node.DEEP_LANE_CALLS < clients.MAX_PIPELINED_WHATSAT  # so this means something
-    assert fake_places.max_in_flight <= clients.FAST_PER_BATCH + node.DEEP_LANE_CALLS
+    assert clients.FAST_PER_BATCH + whatsat.DEEP_LANE_CALLS < clients.MAX_PIPELINED_WHATSAT  # so this means something
+    assert fake_places.max_in_flight <= clients.FAST_PER_BATCH + whatsat.DEEP_LANE_CALLS
     assert len(fake_places.requests) == count
 
 
@@ -320,15 +321,16 @@ def test_a_herd_host_that_resolves_only_later_is_trusted_once_it_does(
 ) -> None:
     """Without a secret, herd addresses come from the host names; one that did not
     resolve at start (a container started later) is looked up again before refusing."""
-    from herdserver import clients, server
+    from herdserver import server
+    from herdserver.net import commands
 
     answers = [frozenset()]  # at start: nothing resolves
     monkeypatch.setattr(server, "herd_addresses", lambda config: answers[0])
     herd = make_herd({"Alford": []})
     line = b"AT Alford +0.000000000 kiwi +1+1 " + now_s()
-    monkeypatch.setattr(clients, "TRUST_REFRESH_SECONDS", 3600.0)
+    monkeypatch.setattr(commands, "TRUST_REFRESH_SECONDS", 3600.0)
     assert herd.client("Alford").ask(line) == b"? " + line + b"\n"  # not resolvable, and not asked again yet
     answers[0] = frozenset({"127.0.0.1"})  # the name resolves now
-    monkeypatch.setattr(clients, "TRUST_REFRESH_SECONDS", 0.0)
+    monkeypatch.setattr(commands, "TRUST_REFRESH_SECONDS", 0.0)
     herd.client("Alford").send(line + b"\n")
     wait_until(lambda: herd.holds("Alford", b"kiwi"), what="the AT line once the herd's name resolves")

@@ -193,9 +193,9 @@ def test_an_overlong_line_is_answered_once_and_the_connection_goes_on(make_herd:
 
 def _quiescent(herd: Herd) -> bool:
     servers = herd.servers.values()
-    sent = sum(f.lines_sent for s in servers for f in s.forwarders.values())
+    sent = sum(f.lines_sent for s in servers for f in s.links.values())
     received = sum(s.stats.at_received for s in servers)
-    return sent == received and not any(f.outbox for s in servers for f in s.forwarders.values())
+    return sent == received and not any(f.outbox for s in servers for f in s.links.values())
 
 
 def test_an_update_reaches_every_server_and_crosses_each_link_once_per_direction(herd: Herd) -> None:
@@ -205,7 +205,7 @@ def test_an_update_reaches_every_server_and_crosses_each_link_once_per_direction
     wait_until(lambda: _quiescent(herd), what="the flood to end")
     # Every server forwards a new record once to each neighbor but the one it came
     # from: Ball 2, then one each for the other four; nothing goes back to Ball.
-    sent = {(s.name, n): f.lines_sent for s in herd.servers.values() for n, f in s.forwarders.items()}
+    sent = {(s.name, n): f.lines_sent for s in herd.servers.values() for n, f in s.links.items()}
     assert sum(sent.values()) == 6, sent
     assert sent["Holiday", "Ball"] == sent["Welsh", "Ball"] == 0
     assert sum(s.stats.at_received for s in herd.servers.values()) == 6
@@ -237,13 +237,13 @@ def test_concurrent_updates_converge_to_the_same_record_everywhere(herd: Herd) -
 def test_a_down_neighbor_never_delays_clients_and_its_outbox_stays_bounded(herd: Herd) -> None:
     herd.stop("Hamilton")
     alford = herd.servers["Alford"]
-    wait_until(lambda: not alford.forwarders["Hamilton"].up.is_set(), what="Alford to see Hamilton down")
+    wait_until(lambda: not alford.links["Hamilton"].up.is_set(), what="Alford to see Hamilton down")
     client = herd.client("Alford", timeout=2.0)
     for i in range(300):
         client.send(iamat(b"c%d" % (i % 30), t=b"1700000000.%09d" % i) + b"\n")
     for _ in range(300):
         assert client.readline().startswith(b"AT Alford ")
-    assert len(alford.forwarders["Hamilton"].outbox) == 30  # latest per client, not every update
+    assert len(alford.links["Hamilton"].outbox) == 30  # latest per client, not every update
 
 
 def test_a_restarted_server_catches_up_without_new_updates(herd: Herd) -> None:
@@ -289,8 +289,8 @@ def test_a_repeated_at_line_is_dropped_and_not_flooded_again(make_herd: Callable
     client.send(line + b"\n" + line.replace(b" ", b" \t ") + b"\n")
     wait_until(lambda: alford.stats.at_received == 3, what="Alford to read every copy")
     assert alford.stats.at_stored == 1
-    assert alford.forwarders["Ball"].lines_sent == 1
-    assert ball.stats.at_received == 1 and ball.forwarders["Alford"].lines_sent == 0
+    assert alford.links["Ball"].lines_sent == 1
+    assert ball.stats.at_received == 1 and ball.links["Alford"].lines_sent == 0
     # A different record for the same client still goes through.
     newer = b"AT Ball +0.100000000 kiwi +10+10 6"
     client.send(newer + b"\n")
@@ -310,7 +310,7 @@ def test_log_file_records_lines_connections_links_and_places(herd: Herd) -> None
     alford = herd.servers["Alford"]
     wait_until(lambda: not alford.connections or len(alford.connections) <= 2, what="close")
     herd.stop("Hamilton")
-    wait_until(lambda: not alford.forwarders["Hamilton"].up.is_set(), what="link down")
+    wait_until(lambda: not alford.links["Hamilton"].up.is_set(), what="link down")
     alford.log.flush()
     text = open(herd.config.log_path("Alford"), encoding="utf-8").read()
     for pattern in [

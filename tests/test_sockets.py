@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import socket
 
-from herdserver.sockets import send_nowait
+from herdserver.net.sockets import send_nowait
 
 
 def test_send_nowait_takes_what_fits_and_never_waits() -> None:

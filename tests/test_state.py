@@ -8,10 +8,10 @@ from pathlib import Path
 import gevent
 import pytest
 
-from herdserver import state as state_mod
+from herdserver import statefile as state_mod
 from herdserver.core.store import Store
 from herdserver.logs import EventLog
-from herdserver.state import MAGIC, StateFile, StateLocked, encode
+from herdserver.statefile import MAGIC, StateFile, StateLocked, encode
 
 
 def log(tmp_path: Path) -> EventLog:

@@ -1,6 +1,6 @@
 """Digest reconciliation of two servers that hold 1,000,000 records each, 100 of them different.
 
-The bench writes both state files directly (``herdserver.state.encode`` and
+The bench writes both state files directly (``herdserver.statefile.encode`` and
 ``MAGIC``, canonical AT lines): Alford holds 1,000,000 clients; Ball holds the
 same records except 50 that only Alford has and 50 for which Ball has a record
 a second newer. A two-server herd (Alford - Ball) is started together; each

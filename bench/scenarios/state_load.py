@@ -1,7 +1,7 @@
 """A large state file: memory per record, replay time; a small one: start-up stays fast.
 
 The bench writes a state file of 1,000,000 distinct clients directly
-(``herdserver.state.encode``, canonical AT lines) and starts one server on a
+(``herdserver.statefile.encode``, canonical AT lines) and starts one server on a
 copy of it, then the same server with no state file (an empty state); one after
 the other, ``runs`` times. Figures:
 

@@ -6,23 +6,22 @@ own process and hub (no thread). Endpoints:
     /metrics   Prometheus text (metrics.HerdCollector, read at scrape time)
     /livez     200 while the process answers
     /readyz    200 when listening, state loaded and a link up (or no neighbors); else 503 and why
-    /status    this server as JSON (``status()``)
+    /status    this server as JSON (``ServerStatus.as_json``)
     /herd      every server's /status, fetched by this one (short timeouts), plus the topology
     /client    ?id=CLIENT: the AT line each server holds for it (``&scope=local``: this server's only)
     /          the herd page (herd_page.html: inline CSS and JS, no CDN)
 
-Everything that reads a link's state goes through ``link_states``: the one function
-to adapt when links change shape (persistent connections today, on demand next).
+Everything it says comes from a ``ServerStatus`` snapshot (``status`` callable),
+the herd's configuration and a record lookup, all handed to it: never the server.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from collections import deque
 from collections.abc import Callable, Iterable
 from importlib import resources
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import parse_qs, quote
 
 import gevent
@@ -31,13 +30,11 @@ from gevent.pool import Pool
 from gevent.pywsgi import WSGIServer
 from prometheus_client import CollectorRegistry, make_wsgi_app
 
-from .metrics import HerdCollector, connection_counts
+from ..config import HerdConfig, ServerConfig
+from ..core.status import ServerStatus, as_text
+from ..logs import EventLog
+from .metrics import HerdCollector
 
-if TYPE_CHECKING:
-    from .server import HerdServer
-
-LINK_EVENTS = ("link_up", "link_down", "link_retry", "peer_said")
-MAX_EVENTS = 50  # recent link events kept per server
 FETCH_CONNECT_TIMEOUT = 0.3  # seconds: /herd and /client ask every other server ...
 FETCH_READ_TIMEOUT = 0.7
 FETCH_DEADLINE = 1.5  # ... and give up on all of them together after this long
@@ -46,98 +43,28 @@ MAX_REQUESTS = 64  # HTTP requests handled at once (more wait in the accept queu
 StartResponse = Callable[..., Any]
 
 
-def link_states(server: HerdServer) -> dict[str, dict[str, Any]]:
-    """Per neighbor: is the link up, and what it has carried.
-
-    The only reader of the forwarders' state (``peers.Forwarder``: ``up`` Event,
-    ``links_made``, ``lines_sent``, ``bytes_sent``), so links that change shape
-    change this function only.
-    """
-    states = {}
-    for name, forwarder in server.forwarders.items():
-        neighbor = forwarder.neighbor
-        states[name] = {
-            # A link is not one connection: "up" means the last exchange with the
-            # neighbor worked; "connected" whether a connection is open right now.
-            "up": forwarder.up.is_set(),
-            "connected": forwarder.connected,
-            "herdserver": forwarder.foreign is False,
-            "address": f"{neighbor.host}:{neighbor.port}",
-            "links_made": forwarder.links_made,
-            "recoveries": forwarder.recoveries,
-            "lines_sent": forwarder.lines_sent,
-            "bytes_sent": forwarder.bytes_sent,
-            "syncs": forwarder.syncs,
-            "full_pushes": forwarder.full_pushes,
-            "queued": len(forwarder.outbox),
-        }
-    return states
-
-
-def readiness(server: HerdServer) -> tuple[bool, str]:
-    """(ready, why not): listening, state loaded, and a link up or no neighbors configured."""
-    if not server.listening:
-        return False, "not listening for clients"
-    if not server.state_loaded:
-        return False, "state not loaded yet"
-    links = link_states(server)
-    if links and not any(link["up"] for link in links.values()):
-        return False, f"no link up (neighbors: {', '.join(links)})"
-    return True, "ready"
-
-
-def status(server: HerdServer, front: HttpFront | None = None) -> dict[str, Any]:
-    """This server as the page, herdctl and other servers' /herd see it."""
-    stats = server.stats
-    opened, parked = connection_counts(server)
-    ready, reason = readiness(server)
-    places = stats.places.summary()
-    places["provider"] = server.provider.name
-    return {
-        "name": server.name,
-        "address": "%s:%d" % server.address,
-        "http": f"{server.me.host}:{server.me.http_port}" if server.me.http_port else None,
-        "time": time.time(),
-        "uptime_s": time.monotonic() - front.started if front is not None and front.started else 0.0,
-        "provider": server.provider.name,
-        "records": len(server.store),
-        "connections": {"open": opened, "parked": parked},
-        "links": link_states(server),
-        "counters": {
-            "iamat": stats.iamat,
-            "whatsat": stats.whatsat,
-            "at_received": stats.at_received,
-            "at_stored": stats.at_stored,
-            "invalid": stats.invalid,
-            "at_duplicate": stats.at_duplicate,
-            "overlong": stats.overlong,
-            "log_lines": server.log.lines_written,
-            "log_lines_dropped": server.log.lines_dropped,
-            "crashes": len(stats.crashes),
-        },
-        "places": places,
-        "events": list(front.events) if front is not None else [],
-        "ready": {"ok": ready, "reason": reason},
-    }
-
-
 class HttpFront:
-    """The WSGI server and app of one HerdServer; started and stopped with it."""
+    """The WSGI server and app of one server; started and stopped with it."""
 
-    def __init__(self, server: HerdServer):
-        self.server = server
-        self.started = 0.0
-        self.events: deque[dict[str, Any]] = deque(maxlen=MAX_EVENTS)
-        for event in LINK_EVENTS:
-            server.log.watchers[event] = self._link_event
+    def __init__(
+        self,
+        status: Callable[[], ServerStatus],
+        config: HerdConfig,
+        me: ServerConfig,
+        lookup: Callable[[bytes], bytes | None],
+        log: EventLog,
+    ):
+        self.status = status
+        self.config = config
+        self.me = me
+        self.lookup = lookup
         self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(HerdCollector(server))
+        self.registry.register(HerdCollector(status))
         self._metrics = make_wsgi_app(self.registry)
         self.session = requests.Session()
         # A pool, so stop() ends every handler (an idle keep-alive one too) and requests are bounded.
         self.wsgi = WSGIServer(
-            (server.me.host, server.me.http_port), self.app, spawn=Pool(MAX_REQUESTS),
-            log=None, error_log=_ErrorLog(server),
+            (me.host, me.http_port), self.app, spawn=Pool(MAX_REQUESTS), log=None, error_log=_ErrorLog(log)
         )
         self.routes: dict[str, Callable[[dict[str, Any], StartResponse], Iterable[bytes]]] = {
             "/metrics": self._metrics,
@@ -155,16 +82,10 @@ class HttpFront:
 
     def start(self) -> None:
         self.wsgi.start()
-        self.started = time.monotonic()
 
     def stop(self) -> None:
         self.wsgi.stop(timeout=0)  # nothing here is worth waiting for: idle keep-alives would hold it
         self.session.close()
-
-    def _link_event(self, event: str, values: dict[str, Any]) -> None:
-        entry = {"time": time.time(), "event": event}
-        entry.update({key: _text(value) for key, value in values.items()})
-        self.events.append(entry)
 
     # -- the WSGI app ---------------------------------------------------------------------
 
@@ -180,11 +101,11 @@ class HttpFront:
         return _reply(start_response, "200 OK", b"ok\n")
 
     def _readyz(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
-        ready, reason = readiness(self.server)
+        ready, reason = self.status().readiness()
         return _reply(start_response, "200 OK" if ready else "503 Service Unavailable", reason.encode() + b"\n")
 
     def _status(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
-        return _json(start_response, status(self.server, self))
+        return _json(start_response, self.status().as_json())
 
     def _page(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         return _reply(start_response, "200 OK", page(), "text/html; charset=utf-8")
@@ -198,37 +119,37 @@ class HttpFront:
         if not client or any(c.isspace() for c in client):
             return _reply(start_response, "400 Bad Request", b"?id=CLIENT (one word) is required\n")
         if (query.get("scope") or [""])[0] == "local":
-            return _json(start_response, {"server": self.server.name, "at": self.local_record(client)})
+            return _json(start_response, {"server": self.me.name, "at": self.local_record(client)})
         return _json(start_response, self.client(client))
 
     # -- what the endpoints say -------------------------------------------------------------
 
     def local_record(self, client: str) -> str | None:
-        line = self.server.store.get(client.encode("utf-8", "surrogateescape"))
-        return _text(line) if line is not None else None
+        line = self.lookup(client.encode("utf-8", "surrogateescape"))
+        return as_text(line) if line is not None else None
 
     def topology(self) -> dict[str, Any]:
         return {
             name: {"address": f"{s.host}:{s.port}", "http": s.http_port, "neighbors": list(s.neighbors)}
-            for name, s in self.server.config.servers.items()
+            for name, s in self.config.servers.items()
         }
 
     def herd(self) -> dict[str, Any]:
         """Every server's /status as this one can get it (``error`` where it could not)."""
-        servers = self._ask_everyone("/status", lambda: status(self.server, self))
-        return {"self": self.server.name, "time": time.time(), "topology": self.topology(), "servers": servers}
+        servers = self._ask_everyone("/status", lambda: self.status().as_json())
+        return {"self": self.me.name, "time": time.time(), "topology": self.topology(), "servers": servers}
 
     def client(self, client: str) -> dict[str, Any]:
         path = f"/client?scope=local&id={quote(client, safe='', errors='surrogateescape')}"
-        answers = self._ask_everyone(path, lambda: {"server": self.server.name, "at": self.local_record(client)})
+        answers = self._ask_everyone(path, lambda: {"server": self.me.name, "at": self.local_record(client)})
         return {"client": client, "servers": answers}
 
     def _ask_everyone(self, path: str, mine: Callable[[], dict[str, Any]]) -> dict[str, dict[str, Any]]:
         """GET ``path`` from every other server at once (bounded by FETCH_DEADLINE), ``mine()`` for this one."""
         answers: dict[str, dict[str, Any]] = {}
         jobs = {}
-        for name, config in self.server.config.servers.items():
-            if name == self.server.name:
+        for name, config in self.config.servers.items():
+            if name == self.me.name:
                 answers[name] = mine()
             elif not config.http_port:
                 answers[name] = {"name": name, "error": "no http_port"}
@@ -254,12 +175,12 @@ class HttpFront:
 class _ErrorLog:
     """pywsgi's error log (tracebacks of a failing request) into the server's own log."""
 
-    def __init__(self, server: HerdServer):
-        self.server = server
+    def __init__(self, log: EventLog):
+        self.log = log
 
     def write(self, text: str) -> None:
         if text.strip():
-            self.server.log.warning("http_error", message=text.strip())
+            self.log.warning("http_error", message=text.strip())
 
     def flush(self) -> None:
         pass
@@ -282,15 +203,6 @@ def _json(start_response: StartResponse, document: Any) -> list[bytes]:
     return _reply(start_response, "200 OK", body, "application/json; charset=utf-8")
 
 
-def _text(value: Any) -> Any:
-    """Bytes (client ids, AT lines) as text for JSON; bytes that are not UTF-8 as \\xNN."""
-    if isinstance(value, bytes):
-        return value.decode("utf-8", "backslashreplace")
-    if isinstance(value, (str, int, float, bool)) or value is None:
-        return value
-    return str(value)
-
-
 def _describe(error: object) -> str:
     if isinstance(error, requests.ConnectionError):
         return "unreachable (connection failed)"
@@ -305,5 +217,5 @@ _PAGE: bytes | None = None
 def page() -> bytes:
     global _PAGE
     if _PAGE is None:
-        _PAGE = resources.files("herdserver").joinpath("herd_page.html").read_bytes()
+        _PAGE = resources.files("herdserver.ops").joinpath("herd_page.html").read_bytes()
     return _PAGE

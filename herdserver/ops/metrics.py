@@ -1,41 +1,32 @@
-"""Prometheus metrics for one server, read from plain counters at scrape time.
+"""Prometheus metrics for one server, read from a status snapshot at scrape time.
 
 The hot path never touches ``prometheus_client``: a command costs an ``int += 1``
-on the server's ``Stats`` (server.py) and, for the timed ones, one ``bisect`` into
-a ``Histogram``'s bucket list. ``HerdCollector`` turns those numbers into metric
-families only when ``/metrics`` is scraped, into a registry of the server's own
-(several servers may share a process, as the tests do).
+on ``core.stats.Stats``. ``HerdCollector`` is handed a callable that returns a
+``ServerStatus`` and turns it into metric families only when ``/metrics`` is
+scraped, into a registry of the server's own (several servers may share a
+process, as the tests do).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterator
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from .core.stats import command_counts
-
-if TYPE_CHECKING:
-    from .server import HerdServer
-
-def connection_counts(server: HerdServer) -> tuple[int, int]:
-    """(open, parked): every open client connection, and how many of them are parked."""
-    connections = list(server.connections.values())
-    return len(connections), sum(1 for conn in connections if conn.watcher is not None)
+from ..core.stats import command_counts
+from ..core.status import ServerStatus
 
 
 class HerdCollector(Collector):
     """Reads one server's counters at scrape time (no Counter.inc() anywhere)."""
 
-    def __init__(self, server: HerdServer):
-        self.server = server
+    def __init__(self, status: Callable[[], ServerStatus]):
+        self.status = status
 
     def collect(self) -> Iterator[Metric]:
-        from .http import link_states  # the one place that knows what "a link is up" means
-
-        server, stats = self.server, self.server.stats
+        server = self.status()
+        stats = server.stats
         commands = CounterMetricFamily(
             "herd_commands_total", "Commands handled, by command word and result", labels=["command", "result"]
         )
@@ -52,8 +43,8 @@ class HerdCollector(Collector):
             durations.add_metric([command], hist.cumulative(), hist.sum)
         yield durations
 
-        yield GaugeMetricFamily("herd_records", "Client records held", value=len(server.store))
-        opened, parked = connection_counts(server)
+        yield GaugeMetricFamily("herd_records", "Client records held", value=server.records)
+        opened, parked = server.open_connections, server.parked_connections
         connections = GaugeMetricFamily(
             "herd_connections", "Client connections: open (all), parked (those of them waiting on a watcher)",
             labels=["state"],
@@ -62,7 +53,6 @@ class HerdCollector(Collector):
         connections.add_metric(["parked"], parked)
         yield connections
 
-        links = link_states(server)
         link_up = GaugeMetricFamily("herd_link_up", "1 while the link to the neighbor is up", labels=["neighbor"])
         reconnects = CounterMetricFamily(
             "herd_link_reconnects_total", "Times the link came back up after it was down", labels=["neighbor"]
@@ -84,18 +74,19 @@ class HerdCollector(Collector):
             labels=["direction", "neighbor"],
         )
         at_lines.add_metric(["in", ""], stats.at_received)
-        for name, link in links.items():
-            link_up.add_metric([name], 1 if link["up"] else 0)
-            reconnects.add_metric([name], link["recoveries"])
-            connections_made.add_metric([name], link["links_made"])
-            syncs.add_metric([name, "digest"], link["syncs"])
-            syncs.add_metric([name, "full"], link["full_pushes"])
-            at_lines.add_metric(["out", name], link["lines_sent"])
+        for link in server.links:
+            name = link.neighbor
+            link_up.add_metric([name], 1 if link.up else 0)
+            reconnects.add_metric([name], link.recoveries)
+            connections_made.add_metric([name], link.connections_made)
+            syncs.add_metric([name, "digest"], link.syncs)
+            syncs.add_metric([name, "full"], link.full_pushes)
+            at_lines.add_metric(["out", name], link.lines_sent)
         yield from (link_up, reconnects, connections_made, syncs, at_lines)
 
         at_bytes = CounterMetricFamily("herd_at_bytes_total", "Bytes of AT lines", labels=["direction"])
         at_bytes.add_metric(["in"], stats.at_bytes_in)
-        at_bytes.add_metric(["out"], sum(link["bytes_sent"] for link in links.values()))
+        at_bytes.add_metric(["out"], sum(link.bytes_sent for link in server.links))
         yield at_bytes
 
         places = CounterMetricFamily(
@@ -121,19 +112,18 @@ class HerdCollector(Collector):
         dropped.add_metric(["forged"], stats.at_refused)
         dropped.add_metric(["overlong"], stats.overlong)
         yield dropped
-        clients = server.clients
         yield CounterMetricFamily(
             "herd_connections_refused_total", "Client connections refused (server full, or too many from one address)",
-            value=clients.refused,
+            value=server.refused,
         )
         yield CounterMetricFamily(
             "herd_clients_dropped_slow_total", "Clients dropped for leaving replies unread past write_timeout",
-            value=clients.dropped_slow,
+            value=server.dropped_slow,
         )
 
-        yield CounterMetricFamily("herd_log_lines_total", "Log lines written", value=server.log.lines_written)
+        yield CounterMetricFamily("herd_log_lines_total", "Log lines written", value=server.log_lines)
         yield CounterMetricFamily(
-            "herd_log_lines_dropped_total", "Log lines lost (the write failed)", value=server.log.lines_dropped
+            "herd_log_lines_dropped_total", "Log lines lost (the write failed)", value=server.log_lines_dropped
         )
         yield CounterMetricFamily(
             "herd_worker_crashes_total", "Greenlets and connections that died of a bug", value=len(stats.crashes)

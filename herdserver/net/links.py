@@ -1,7 +1,7 @@
-"""One forwarder per neighbor: the link policy, the handshake, reconciliation, batches.
+"""One link per neighbor: the link policy, the handshake, reconciliation, batches.
 
 A *link* is the relation between two neighbors, not one TCP connection. The
-forwarder opens a connection only when it has something to send (records in
+link opens a connection only when it has something to send (records in
 its outbox, or a reconciliation due) and closes it after ``[peers] link_idle``
 seconds with nothing more to send. So a server holds no connection to a
 neighbor's port while the herd is quiet, and ``lsof -ti:PORT | xargs kill``
@@ -28,29 +28,26 @@ import os
 import random
 import socket
 import time
-from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import gevent
 from gevent.event import Event
 from gevent.greenlet import Greenlet
 from gevent.queue import Empty, SimpleQueue
 
-from .config import PeerSettings, ServerConfig
-from .core import handshake, protocol, sync
-from .core.protocol import At, LineSplitter, Overlong
-from .logs import EventLog
+from ..config import PeerSettings, ServerConfig
+from ..core import handshake, protocol, sync
+from ..core.protocol import At, LineSplitter, Overlong
+from ..core.status import LinkState, PeerKind, RecentEvents
+from ..core.store import Store
+from ..logs import EventLog
 from .sockets import send_nowait
-
-if TYPE_CHECKING:
-    from .node import Node
 
 SYNC_CHUNK_LINES = 4096  # a full push of a large table goes out in bounded writes
 PEER_LINE_LIMIT = 1 << 20  # lines a herdserver neighbor sends back (sync answers) are short
-HELLO_VERSION = b"herdserver/1"
-EVENTS_KEPT = 50
+HELLO_VERSION = handshake.PROTOCOL
 
 
 class LinkDown(Exception):
@@ -61,15 +58,20 @@ def new_token() -> str:
     return os.urandom(8).hex()
 
 
-class Forwarder:
+class Link:
     """Sends AT lines to one neighbor over connections opened on demand."""
 
     def __init__(
         self,
         neighbor: ServerConfig,
         settings: PeerSettings,
-        node: Node,
+        me: bytes,
+        store: Store,
+        digests: Event,
+        take_at: Callable[[At, bytes, str], object],
+        persist: Callable[[], None],
         log: EventLog,
+        events: RecentEvents,
         boot_id: str,
         secrets: tuple[bytes, ...] = (),
         rand: Callable[[], float] = random.random,
@@ -79,8 +81,13 @@ class Forwarder:
         self.name = neighbor.name
         self.name_bytes = neighbor.name.encode("utf-8")
         self.settings = settings
-        self.node = node
+        self.me = me
+        self.store = store
+        self.digests = digests
+        self.take_at = take_at
+        self.persist = persist
         self.log = log
+        self.events = events
         self.boot_id = boot_id
         self.rand = rand
         self.outbox: dict[bytes, bytes] = {}
@@ -88,7 +95,7 @@ class Forwarder:
         self.seen = Event()  # the neighbor said hello to us: a retry need not wait out its backoff
         self.up = Event()  # set while the last exchange with the neighbor worked
         self.need_sync = True  # a reconciliation is due (at start: yes)
-        self.foreign: bool | None = None  # None until a hello was answered (or not)
+        self.kind = PeerKind.UNKNOWN  # until a hello was answered (or not)
         self.peer_boot: str | None = None
         self.connected = False
         self.lines_sent = 0
@@ -99,7 +106,7 @@ class Forwarder:
         self.full_pushes = 0
         self.sync_bytes_sent = 0
         self.sync_bytes_received = 0
-        self.events: deque[tuple[float, str, str]] = deque(maxlen=EVENTS_KEPT)
+        self._was_down = False  # the link went down after being up (its next up is a recovery)
         self._replies: SimpleQueue[Any] = SimpleQueue()
         self._awaiting_hello = False
         self._sockaddr: tuple[int, Any] | None = None  # (family, address), resolved once
@@ -115,15 +122,15 @@ class Forwarder:
     def peer_seen(self) -> None:
         """The neighbor connected to us and said hello: it is up."""
         self.seen.set()
-        if self.foreign is None:
-            self.foreign = False  # it said HELLO: a herdserver
+        if self.kind is PeerKind.UNKNOWN:
+            self.kind = PeerKind.HERDSERVER  # it said HELLO
         self._mark_up()
 
     @property
     def pending(self) -> bool:
         return bool(self.outbox) or self.need_sync
 
-    # -- the forwarder greenlet ----------------------------------------------------------
+    # -- the link greenlet ----------------------------------------------------------
 
     def run(self) -> None:
         delay = self.settings.backoff_initial
@@ -176,7 +183,7 @@ class Forwarder:
             left = self._next_periodic - time.monotonic()
             if left <= 0:
                 self._next_periodic = self._periodic_deadline()
-                if self.foreign is not True:  # a periodic full push would cost too much
+                if self.kind is not PeerKind.FOREIGN:  # a periodic full push would cost too much
                     self.need_sync = True
                 continue
             self.wake.wait(min(left, 3600.0))
@@ -205,7 +212,7 @@ class Forwarder:
                 sock.close()
             self._sockaddr = None  # the name may point elsewhere by the next try
             if failures == 0:  # one line per outage, not one per retry
-                self.log.info("link_retry", neighbor=self.name, reason=_describe(exc))
+                self._event("link_retry", reason=_describe(exc))
             return None
         sock.settimeout(None)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -214,18 +221,39 @@ class Forwarder:
     def _mark_down(self, reason: str) -> None:
         """The link's state, not a connection's: logged once per change."""
         if self.up.is_set():  # a link never up (a neighbor not started yet) is not "lost"
-            self.events.append((time.time(), "down", reason))
-            self.log.warning("link_down", neighbor=self.name, reason=reason)
+            self._was_down = True
+            self._event("link_down", reason=reason, level=self.log.warning)
         self.up.clear()
 
     def _mark_up(self) -> None:
         if not self.up.is_set():
-            if self.events and self.events[-1][1] == "down":
+            if self._was_down:
                 self.recoveries += 1
-            self.events.append((time.time(), "up", ""))
+                self._was_down = False
             address = f"{self.neighbor.host}:{self.neighbor.port}"
-            self.log.info("link_up", neighbor=self.name, address=address, herdserver=self.foreign is False)
+            self._event("link_up", address=address, herdserver=self.kind is PeerKind.HERDSERVER)
         self.up.set()
+
+    def _event(self, event: str, level: Callable[..., None] | None = None, **values: object) -> None:
+        """A change of the link: one log line, and one entry for the page's recent events."""
+        (level or self.log.info)(event, neighbor=self.name, **values)
+        self.events.add(time.time(), event, neighbor=self.name, **values)
+
+    def state(self) -> LinkState:
+        return LinkState(
+            neighbor=self.name,
+            address=f"{self.neighbor.host}:{self.neighbor.port}",
+            up=self.up.is_set(),
+            connected=self.connected,
+            kind=self.kind,
+            connections_made=self.links_made,
+            recoveries=self.recoveries,
+            lines_sent=self.lines_sent,
+            bytes_sent=self.bytes_sent,
+            syncs=self.syncs,
+            full_pushes=self.full_pushes,
+            queued=len(self.outbox),
+        )
 
     def neighbor_left(self) -> None:
         """The neighbor said goodbye (it is stopping)."""
@@ -233,8 +261,8 @@ class Forwarder:
 
     def say_goodbye(self, timeout: float) -> None:
         """Tell a herdserver neighbor we are stopping, so it shows the link down at once
-        (the forwarder greenlet is already gone; this is its last connection)."""
-        if self.foreign is not False:
+        (the link greenlet is already gone; this is its last connection)."""
+        if self.kind is not PeerKind.HERDSERVER:
             return
         with gevent.Timeout(timeout, False):
             sock = self._connect(failures=1)  # quiet: a neighbor already gone is no news
@@ -267,7 +295,7 @@ class Forwarder:
         self.connected = True
         with self._reading(sock) as reader:
             self._hello(sock)
-            self.log.info("link_open", neighbor=self.name, herdserver=not self.foreign)
+            self.log.info("link_open", neighbor=self.name, herdserver=self.kind is not PeerKind.FOREIGN)
             self._mark_up()
             while True:
                 if reader.dead:
@@ -289,9 +317,9 @@ class Forwarder:
         """Say who we are; learn whether the neighbor is a herdserver; with a secret,
         check its proof and send ours (the AT lines that follow need it)."""
         nonce = new_token().encode()
-        me = self.node.name_bytes
+        me = self.me
         hello = b"HELLO %s %s %s %s" % (HELLO_VERSION, me, self.boot_id.encode(), nonce)
-        if not self.secrets and self.foreign is False:
+        if not self.secrets and self.kind is PeerKind.HERDSERVER:
             # A known herdserver, and no proof to wait for: the AT lines follow the hello
             # at once (the neighbor reads them in order), saving a round trip per
             # connection; the reader takes the answer when it comes.
@@ -303,15 +331,15 @@ class Forwarder:
             reply = self._next_reply(self.settings.connect_timeout)
         finally:
             self._awaiting_hello = False
-        if reply is None and self.foreign is False:
+        if reply is None and self.kind is PeerKind.HERDSERVER:
             # A neighbor that has answered as a herdserver and is slow to answer now is
             # busy (or we are), not another implementation: taken for a foreign one, it
             # would get plain AT lines, refused without our proof, and no reconciliation.
             raise LinkDown("no answer to the hello")
         if reply is None or reply[0] == b"?":
-            if self.foreign is not True:
+            if self.kind is not PeerKind.FOREIGN:
                 self.log.info("peer_foreign", neighbor=self.name)
-            self.foreign = True  # another implementation: plain AT lines only
+            self.kind = PeerKind.FOREIGN  # another implementation: plain AT lines only
             return
         if reply[0] != b"HELLO" or len(reply) != 6 or reply[1] != HELLO_VERSION or reply[2] != self.name_bytes:
             raise LinkDown(f"unexpected hello answer {b' '.join(reply[:3])!r}")
@@ -322,7 +350,7 @@ class Forwarder:
                 raise LinkDown("the neighbor did not prove the shared secret")
             ours = handshake.proof(self.secrets[0], b"initiator", me, self.name_bytes, nonce, their_nonce)
             self._write(sock, b"AUTH " + ours + b"\n")
-        self.foreign = False
+        self.kind = PeerKind.HERDSERVER
         self._note_boot(reply[3])
 
     def _note_boot(self, boot_field: bytes) -> None:
@@ -346,16 +374,16 @@ class Forwarder:
 
     def _reconcile(self, sock: socket.socket) -> None:
         started = time.perf_counter()
-        if self.foreign:
-            lines = self.node.store.lines()
+        if self.kind is PeerKind.FOREIGN:
+            lines = self.store.lines()
             for start in range(0, len(lines), SYNC_CHUNK_LINES):
                 self._send(sock, lines[start : start + SYNC_CHUNK_LINES])
             self.full_pushes += 1
             self.log.info("sync", neighbor=self.name, kind="full", records=len(lines))
             return
         sent_before, received_before = self.sync_bytes_sent, self.sync_bytes_received
-        self.node.digests.wait()  # after a large replay they take a moment
-        reconciler = sync.Reconciler(self.node.store.levels)
+        self.digests.wait()  # after a large replay they take a moment
+        reconciler = sync.Reconciler(self.store.levels)
         pushed = 0
         self._sync_write(sock, reconciler.start())
         while not reconciler.finished:
@@ -370,7 +398,7 @@ class Forwarder:
                 self._sync_write(sock, pulls)
                 if pulls:
                     # Ours for the same leaves; the neighbor keeps whichever is newer.
-                    lines = list(self.node.store.lines_in(reconciler.differing_leaves))
+                    lines = list(self.store.lines_in(reconciler.differing_leaves))
                     pushed = len(lines)
                     self._sync_write(sock, lines)
             elif command.verb == b"DONE":
@@ -430,21 +458,21 @@ class Forwarder:
             self.wake.set()  # let the sender notice the link is gone
 
     def _take(self, items: list[bytes | Overlong], size: int) -> None:
-        if self.foreign is False:
+        if self.kind is PeerKind.HERDSERVER:
             self.sync_bytes_received += size
         stored = False
         for item in items:
             if isinstance(item, Overlong):
-                self.log.warning("peer_said", neighbor=self.name, data=item.prefix)
+                self._event("peer_said", data=item.prefix, level=self.log.warning)
                 continue
             fields = item.split()
             if not fields:
                 continue
-            if fields[0] == b"AT" and self.foreign is False:
+            if fields[0] == b"AT" and self.kind is PeerKind.HERDSERVER:
                 msg = protocol.parse_fields(fields, item)
                 if isinstance(msg, At):
                     self.log.traffic("in", "neighbor", self.name, "line", [item])
-                    self.node.at(msg, item, self.name)
+                    self.take_at(msg, item, self.name)
                     stored = True
                     continue
             if not self._awaiting_hello:
@@ -453,105 +481,17 @@ class Forwarder:
                     continue
                 if fields[0] == b"?":
                     if fields[1:2] == [b"HELLO"]:  # replaced by another implementation
-                        self.foreign = True
+                        self.kind = PeerKind.FOREIGN
                         self.log.info("peer_foreign", neighbor=self.name)
                     else:
-                        self.log.warning("peer_said", neighbor=self.name, data=item[:512])
+                        self._event("peer_said", data=item[:512], level=self.log.warning)
                     continue
             self._replies.put(fields)
         if stored:
-            self.node.persist()
+            self.persist()
 
 
 def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
-class Responder:
-    """The answering side of a neighbor's connection (it arrives as a client).
-
-    ``HELLO`` makes the connection a neighbor's: it is answered with our own
-    hello, and from then on the connection's AT lines are known to come from
-    that neighbor (so they are not flooded back to it) and it may ask ``SYNC``
-    questions. Anything else of ours on a connection that did not say hello
-    is invalid, like any unknown command.
-    """
-
-    WORDS = (b"HELLO", b"AUTH", b"SYNC", b"BYE")
-
-    def __init__(
-        self,
-        node: Node,
-        boot_id: str,
-        neighbors: tuple[str, ...],
-        log: EventLog,
-        on_hello: Callable[[str], None] = lambda name: None,
-        secrets: tuple[bytes, ...] = (),
-        on_bye: Callable[[str], None] = lambda name: None,
-    ):
-        self.node = node
-        self.on_bye = on_bye
-        self.secrets = secrets
-        self.on_hello = on_hello
-        self.boot_id = boot_id.encode()
-        self.names = {name.encode("utf-8"): name for name in neighbors}
-        self.log = log
-        self.peer_boots: dict[str, bytes] = {}
-        self.restarts_seen = 0
-
-    def answer(self, fields: list[bytes], item: bytes, conn: Any) -> bytes | None:
-        if fields[0] == b"HELLO":
-            return self._hello(fields, item, conn)
-        if fields[0] == b"AUTH":
-            return self._auth(fields, item, conn)
-        if conn.neighbor is None or not conn.may_send_at:
-            return protocol.format_invalid(item.strip())
-        if fields[0] == b"BYE" and len(fields) == 1:
-            self.log.info("peer_bye", conn=conn.id, neighbor=conn.neighbor)
-            self.on_bye(conn.neighbor)
-            return None
-        command = sync.parse_sync(fields)
-        if command is None:
-            return protocol.format_invalid(item.strip())
-        if command.verb == b"ASK":
-            self.node.digests.wait()  # after a large replay they take a moment
-            return sync.answer_ask(self.node.store.levels, command.level, command.numbers) + b"\n"
-        if command.verb == b"PULL":
-            lines = list(self.node.store.lines_in(command.numbers))
-            lines.append(sync.format_done(len(lines)))
-            return b"\n".join(lines) + b"\n"
-        return protocol.format_invalid(item.strip())
-
-    def _hello(self, fields: list[bytes], item: bytes, conn: Any) -> bytes:
-        if len(fields) != 5 or fields[1] != HELLO_VERSION or fields[2] not in self.names:
-            return protocol.format_invalid(item.strip())
-        name = self.names[fields[2]]
-        boot = fields[3]
-        previous = self.peer_boots.get(name)
-        if previous is not None and previous != boot:
-            self.restarts_seen += 1
-            self.log.info("peer_restarted", neighbor=name)
-        self.peer_boots[name] = boot
-        conn.neighbor = name
-        conn.peer_hello()
-        self.on_hello(name)
-        self.log.info("peer_hello", conn=conn.id, neighbor=name)
-        nonce = new_token().encode()
-        conn.nonces = (fields[2], fields[4], nonce)
-        me = self.node.name_bytes
-        ours = handshake.proof(self.secrets[0], b"responder", fields[2], me, fields[4], nonce) if self.secrets else b"-"
-        return b"HELLO %s %s %s %s %s\n" % (HELLO_VERSION, me, self.boot_id, nonce, ours)
-
-    def _auth(self, fields: list[bytes], item: bytes, conn: Any) -> bytes | None:
-        """The initiator's proof: from now on this connection's AT lines count."""
-        if len(fields) != 2 or conn.nonces is None or not self.secrets:
-            return protocol.format_invalid(item.strip())
-        initiator, nonce_i, nonce_r = conn.nonces
-        conn.nonces = None  # one proof per hello: no second try on the same nonces
-        me = self.node.name_bytes
-        if not handshake.verify(self.secrets, fields[1], b"initiator", initiator, me, nonce_i, nonce_r):
-            self.log.warning("auth_failed", conn=conn.id, neighbor=conn.neighbor, reason="bad proof")
-            return protocol.format_invalid(item.strip())
-        conn.may_send_at = True
-        self.log.info("peer_authenticated", conn=conn.id, neighbor=conn.neighbor)
-        return None

@@ -6,19 +6,14 @@ objects (under 1 KB) instead of a greenlet and its stacks (about 9 KB). A client
 that goes quiet for ``[limits] park_after`` seconds is parked again by a sweeper; the hot
 path pays one flag per batch for it.
 
-What a command *does* is ``node.Node``'s business (and a neighbor's hello and
-sync questions ``peers.Responder``'s); this module only moves bytes.
+What a line *does* is ``commands.Commands``' business; this module only moves bytes.
 """
 
 from __future__ import annotations
 
 import errno
-import fcntl
 import itertools
-import logging
 import socket
-import struct
-import termios
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,25 +24,22 @@ from gevent.greenlet import Greenlet
 from gevent.pool import Group
 from gevent.server import StreamServer
 
-from .config import Limits
-from .core import protocol, stats
-from .core.limits import read_deadline
-from .core.protocol import LineSplitter, Overlong
-from .core.trust import Trust, canonical_ip
-from .logs import EventLog
-from .node import Node
-from .peers import Responder
-from .sockets import RECV_BYTES, send_nowait
+from ..config import Limits
+from ..core.limits import read_deadline
+from ..core.protocol import LineSplitter, Overlong
+from ..core.trust import canonical_ip
+from ..logs import EventLog
+from .commands import Commands
+from .sockets import RECV_BYTES, send_nowait, unsent
 
 MAX_PIPELINED_WHATSAT = 20  # Places calls in flight for one connection at once
-FAST_PER_BATCH = 4  # WHATSATs of one read that ask Places at once; the rest share node.DEEP_LANE_CALLS
+FAST_PER_BATCH = 4  # WHATSATs of one read that ask Places at once; the rest share whatsat.DEEP_LANE_CALLS
 REPLY_BUFFER_BYTES = 65536  # replies held for one connection before writing
 # Replies a client has not taken yet, as the kernel's send queue counts them (written,
 # not acknowledged), past which it gets no more Places calls until it reads.
 UNREAD_BOUND = 64 << 10
 DRAIN_POLL_SECONDS = 0.01
 SWEEP_SECONDS = 1.0  # how often the sweeper looks for clients past their deadlines
-TRUST_REFRESH_SECONDS = 5.0  # herd host names looked up again at most this often (_trusted_after_refresh)
 PEER_LINE_BYTES = 1 << 16  # a neighbor's sync lines may be longer than a client's limit
 # The kernel's buffers per client, fixed (no autotuning up to tens of megabytes):
 # with REPLY_BUFFER_BYTES they bound what a client that reads nothing can leave
@@ -57,15 +49,6 @@ CLIENT_SNDBUF = 128 << 10
 CLIENT_RCVBUF = 64 << 10
 # Errors that mean "the client went away": logged as a plain close, no traceback.
 QUIET_ERRNOS = {errno.EPIPE, errno.ECONNRESET, errno.ECONNABORTED, errno.ETIMEDOUT, errno.ENOTCONN}
-
-
-def unsent(sock: socket.socket) -> int:
-    """Bytes in the socket's send queue that the peer has not acknowledged (Linux
-    SIOCOUTQ); 0 where the call is not available."""
-    try:
-        return int(struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"))[0])
-    except OSError:
-        return 0
 
 
 class _Park(Exception):
@@ -119,28 +102,20 @@ class ClientPort:
 
     def __init__(
         self,
-        node: Node,
-        responder: Responder,
+        commands: Commands,
         limits: Limits,
         log: EventLog,
         listener: Any,
         backlog: int | None,
-        trust: Trust,
         max_connections: int,
-        refresh_trust: Callable[[], Trust] | None = None,
     ):
-        self.node = node
-        self.trust = trust
-        self.refresh_trust = refresh_trust
-        self._trust_checked = time.monotonic()
+        self.commands = commands
         self.max_connections = max_connections
         self.per_ip: dict[str, int] = {}
         self.refused = 0
         self.dropped_slow = 0
         self.held_back = 0  # times a client that did not read was made to wait
-        self.store = node.store
-        self.stats = node.stats
-        self.responder = responder
+        self.stats = commands.stats
         self.limits = limits
         self.log = log
         self.connections: dict[int, Connection] = {}
@@ -188,7 +163,7 @@ class ClientPort:
             self._refuse(sock, ip, "full" if full else "per_ip")
             return
         conn = Connection(next(self._conn_ids), _format_address(address), sock, last_command=time.monotonic(), ip=ip)
-        conn.may_send_at = self.trust.allows_by_address(ip)
+        conn.may_send_at = self.commands.trust.allows_by_address(ip)
         self.connections[conn.id] = conn
         self.per_ip[ip] = self.per_ip.get(ip, 0) + 1
         try:
@@ -207,21 +182,6 @@ class ClientPort:
         except OSError:
             pass
         sock.close()
-
-    def _trusted_after_refresh(self, conn: Connection) -> bool:
-        """Without a secret, a herd address is trusted by what its host name resolves to,
-        and a name may resolve only later (a container that started after us): look the
-        herd's names up again, at most every TRUST_REFRESH_SECONDS, before refusing.
-        (In the handler's greenlet: the lookup may wait, the event loop does not.)"""
-        if self.refresh_trust is None or self.trust.authenticated:
-            return False
-        now = time.monotonic()
-        if now - self._trust_checked < TRUST_REFRESH_SECONDS:
-            return False
-        self._trust_checked = now
-        self.trust = self.refresh_trust()
-        conn.may_send_at = self.trust.allows_by_address(conn.ip)
-        return conn.may_send_at
 
     def _deadline(self, conn: Connection) -> tuple[float | None, str]:
         return read_deadline(
@@ -381,7 +341,7 @@ class ClientPort:
         pending: list[bytes | Greenlet] = []
         in_flight = buffered = calls = 0
         for item in items:
-            reply = self._dispatch(item, conn, calls >= FAST_PER_BATCH)
+            reply = self.commands.handle(item, conn, calls >= FAST_PER_BATCH)
             if reply is None:
                 continue
             pending.append(reply)
@@ -402,7 +362,7 @@ class ClientPort:
                 self._wait_read_by_client(sock)
         if pending:
             self._write_replies(sock, pending, conn)
-        self.node.persist()  # AT lines get no reply, but are stored all the same
+        self.commands.persist()  # AT lines get no reply, but are stored all the same
 
     def _wait_read_by_client(self, sock: socket.socket) -> None:
         """Until the client has taken most of what waits for it in the kernel; a client
@@ -428,7 +388,7 @@ class ClientPort:
 
     def _write_replies(self, sock: socket.socket, pending: list[bytes | Greenlet], conn: Connection) -> None:
         """Write replies in command order, waiting for Places calls as they come."""
-        self.node.persist()  # acknowledged records are in the state file first
+        self.commands.persist()  # acknowledged records are in the state file first
         replies = [reply if isinstance(reply, bytes) else reply.get() for reply in pending]
         # A client that reads nothing fills its send buffer: this write then waits, so
         # the handler reads no more commands and starts no Places calls (TCP back-
@@ -439,40 +399,6 @@ class ClientPort:
             with gevent.Timeout(self.limits.write_timeout, _TimedOut("write_timeout")):
                 sock.sendall(memoryview(data)[sent:])
         self.log.replies(conn.id, replies)  # a WHATSAT's JSON is logged whole only at DEBUG
-
-    def _dispatch(self, item: bytes | Overlong, conn: Connection, deep: bool = False) -> bytes | Greenlet | None:
-        if isinstance(item, Overlong):
-            self.stats.invalid += 1
-            self.stats.overlong += 1
-            self.stats.invalid_by["other"] += 1
-            return protocol.overlong_reply(item)
-        fields = item.split()
-        if not fields:
-            return None  # blank: no reply
-        word = fields[0]
-        if word == b"AT":
-            if not conn.may_send_at and not self._trusted_after_refresh(conn):
-                self.stats.at_refused += 1
-                if self.stats.at_refused & (self.stats.at_refused - 1) == 0:
-                    self.log.warning("at_refused", conn=conn.id, peer=conn.peer, refused_so_far=self.stats.at_refused)
-                return protocol.format_invalid(item.strip())
-            self.stats.at_bytes_in += len(item) + 1
-            echo = protocol.at_identity(fields)
-            if echo is not None and self.store.holds(*echo):
-                # Flooding can bring an AT line to a server twice; the second copy is
-                # byte-identical to what it holds, so it is dropped without a parse.
-                self.stats.at_received += 1
-                self.stats.at_duplicate += 1
-                if self.log.level <= logging.DEBUG:  # no kwargs dict on the hot path at INFO
-                    self.log.debug("at_dropped", conn=conn.id, client=echo[0])
-                return None
-        elif word in Responder.WORDS:
-            return self.responder.answer(fields, item, conn)
-        started = time.perf_counter()
-        reply = self.node.command(item, fields, conn.neighbor, deep)
-        if word in (b"IAMAT", b"AT") and not (reply and reply[:1] == b"?"):
-            self.stats.durations[stats.command_word(word)].observe(time.perf_counter() - started)
-        return reply
 
 
 class _ClientServer(StreamServer):  # type: ignore[misc]  # gevent has no type stubs

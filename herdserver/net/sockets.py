@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import fcntl
 import socket
+import struct
+import termios
 from typing import Any
 
 RECV_BYTES = 65536
@@ -17,3 +20,12 @@ def send_nowait(sock: socket.socket, data: bytes) -> int:
     except BlockingIOError:
         return 0
     return sent
+
+
+def unsent(sock: socket.socket) -> int:
+    """Bytes in the socket's send queue that the peer has not acknowledged (Linux
+    SIOCOUTQ); 0 where the call is not available."""
+    try:
+        return int(struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"))[0])
+    except OSError:
+        return 0

@@ -1,0 +1,203 @@
+"""The one command dispatcher: every line from a client connection is decided here.
+
+IAMAT and AT go through the replication rule (``core.replica``); WHATSAT goes to
+its lane (``whatsat.py``); the herd's own words go to the responder. Counting,
+logging of invalid lines, who may send AT lines on a client port, and "persist
+before replying" all live here, once. Nothing here reads or writes a socket.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Protocol, TypeAlias
+
+import gevent
+from gevent.event import Event
+from gevent.greenlet import Greenlet
+
+from ..core import protocol
+from ..core.protocol import At, IAmAt, Invalid, Overlong, WhatsAt
+from ..core.replica import Replica
+from ..core.stats import Stats, command_word
+from ..core.trust import Trust
+from ..logs import EventLog
+from ..statefile import StateFile
+from .responder import Responder
+from .whatsat import WhatsatLanes
+
+TRUST_REFRESH_SECONDS = 5.0  # herd host names looked up again at most this often (_trusted_after_refresh)
+
+Reply: TypeAlias = "bytes | Greenlet | None"
+
+
+class Sender(Protocol):
+    """What the dispatcher needs to know of the connection a line came on."""
+
+    id: int
+    peer: str
+    ip: str
+    may_send_at: bool
+    neighbor: str | None
+
+
+class Commands:
+    """What each line does, counted once; the state file is written before any reply."""
+
+    def __init__(
+        self,
+        name: str,
+        replica: Replica,
+        whatsat: WhatsatLanes,
+        stats: Stats,
+        log: EventLog,
+        journal: StateFile | None,
+        trust: Trust,
+        refresh_trust: Callable[[], Trust] | None = None,
+        clock: Callable[[], int] = time.time_ns,
+    ):
+        self.name_bytes = name.encode("utf-8")
+        self.replica = replica
+        self.store = replica.store
+        self.whatsat = whatsat
+        self.stats = stats
+        self.log = log
+        self.journal = journal
+        self.trust = trust
+        self.refresh_trust = refresh_trust
+        self._trust_checked = time.monotonic()
+        self.clock = clock
+        self.herd_words: Responder | None = None  # HELLO, AUTH, SYNC, BYE
+        self.digests = Event()  # set once the store's digests are complete (sync waits for it)
+        if self.store.digests_ready:
+            self.digests.set()
+
+    def compute_digests(self) -> None:
+        """After a bulk load: the store's digests, a chunk at a time, letting clients in between."""
+        started = time.perf_counter()
+        for _ in self.store.digest_steps():
+            gevent.sleep(0)
+        self.digests.set()
+        self.log.info("digests_ready", records=len(self.store), ms="%.1f" % ((time.perf_counter() - started) * 1000))
+
+    # -- one line from a client connection -------------------------------------------------
+
+    def handle(self, item: bytes | Overlong, conn: Sender, deep: bool = False) -> Reply:
+        """The reply to one line (None: no reply; a greenlet: a WHATSAT on its way)."""
+        if isinstance(item, Overlong):
+            self.stats.invalid += 1
+            self.stats.overlong += 1
+            self.stats.invalid_by["other"] += 1
+            return protocol.overlong_reply(item)
+        fields = item.split()
+        if not fields:
+            return None  # blank: no reply
+        word = fields[0]
+        if word == b"AT":
+            if not conn.may_send_at and not self._trusted_after_refresh(conn):
+                return self._refuse_at(item, conn)
+            self.stats.at_bytes_in += len(item) + 1
+            if self._duplicate(fields, conn):
+                return None
+        elif self.herd_words is not None and word in self.herd_words.WORDS:
+            return self.herd_words.answer(fields, item, conn)
+        started = time.perf_counter()
+        reply = self._command(item, fields, conn.neighbor, deep)
+        if word in (b"IAMAT", b"AT") and not (reply and reply[:1] == b"?"):
+            self.stats.durations[command_word(word)].observe(time.perf_counter() - started)
+        return reply
+
+    def _command(self, item: bytes, fields: list[bytes], source: str | None, deep: bool) -> Reply:
+        msg = protocol.parse_fields(fields, item)
+        if isinstance(msg, IAmAt):
+            return self.iamat(msg, item)
+        if isinstance(msg, At):
+            return self.receive_at(msg, item, source)
+        if isinstance(msg, WhatsAt):
+            return self.start_whatsat(msg, item, deep)
+        assert isinstance(msg, Invalid)
+        return self.invalid(command_word(fields[0]), msg.line, msg.reason)
+
+    def _refuse_at(self, item: bytes, conn: Sender) -> bytes:
+        self.stats.at_refused += 1
+        if self.stats.at_refused & (self.stats.at_refused - 1) == 0:  # 1, 2, 4 ...: a flood logs a few lines
+            self.log.warning("at_refused", conn=conn.id, peer=conn.peer, refused_so_far=self.stats.at_refused)
+        return protocol.format_invalid(item.strip())
+
+    def _duplicate(self, fields: list[bytes], conn: Sender) -> bool:
+        """Flooding can bring an AT line to a server twice; the second copy is
+        byte-identical to what it holds, so it is dropped without a parse."""
+        echo = protocol.at_identity(fields)
+        if echo is None or not self.store.holds(*echo):
+            return False
+        self.stats.at_received += 1
+        self.stats.at_duplicate += 1
+        if self.log.level <= logging.DEBUG:  # no kwargs dict on the hot path at INFO
+            self.log.debug("at_dropped", conn=conn.id, client=echo[0])
+        return True
+
+    def _trusted_after_refresh(self, conn: Sender) -> bool:
+        """Without a secret, a herd address is trusted by what its host name resolves to,
+        and a name may resolve only later (a container that started after us): look the
+        herd's names up again, at most every TRUST_REFRESH_SECONDS, before refusing.
+        (In the handler's greenlet: the lookup may wait, the event loop does not.)"""
+        if self.refresh_trust is None or self.trust.authenticated:
+            return False
+        now = time.monotonic()
+        if now - self._trust_checked < TRUST_REFRESH_SECONDS:
+            return False
+        self._trust_checked = now
+        self.trust = self.refresh_trust()
+        conn.may_send_at = self.trust.allows_by_address(conn.ip)
+        return conn.may_send_at
+
+    # -- records -------------------------------------------------------------------------
+
+    def iamat(self, msg: IAmAt, line: bytes) -> bytes:
+        now = self.clock()
+        if self.replica.too_far_ahead(msg.time_ns, now):
+            return self.invalid("IAMAT", line, "time ahead of the server's clock", client=msg.client)
+        self.stats.iamat += 1
+        record = protocol.make_at(self.name_bytes, msg, now)
+        self.replica.keep(record.client, record.time_ns, record.line, None)
+        return record.line + b"\n"
+
+    def receive_at(self, msg: At, line: bytes, source: str | None) -> bytes | None:
+        """An AT line from a neighbor (``source``) or an unnamed connection: no reply,
+        unless it is invalid (then the ``? `` reply)."""
+        self.stats.at_received += 1
+        if not self.replica.names_a_server(msg.server):
+            return self.invalid("AT", line, "AT names a server herd.ini does not list", server=msg.server)
+        if self.replica.too_far_ahead(msg.time_ns, self.clock()):
+            self.stats.at_future += 1
+            self.log.warning("at_dropped", reason="time ahead of the server's clock", line=msg.line)
+            return None
+        if self.replica.keep(msg.client, msg.time_ns, msg.line, source):
+            self.stats.at_stored += 1
+        elif self.log.level <= logging.DEBUG:
+            self.log.debug("at_dropped", client=msg.client)
+        return None
+
+    def persist(self) -> None:
+        """Hand what this batch stored to the OS (and, with fsync = always, to the
+        disk): called before any reply that acknowledges it."""
+        if self.journal is not None:
+            self.journal.flush()
+            self.journal.commit()
+
+    # -- WHATSAT ---------------------------------------------------------------------
+
+    def start_whatsat(self, msg: WhatsAt, line: bytes, deep: bool = False) -> bytes | Greenlet:
+        record = self.store.record(msg.client)
+        if record is None:
+            return self.invalid("WHATSAT", line, "unknown client")
+        self.stats.whatsat += 1
+        return self.whatsat.start(msg, record, deep)
+
+    def invalid(self, word: str, line: bytes, reason: str, **details: object) -> bytes:
+        """The ``? `` reply to ``line``, counted under ``word`` and logged with why."""
+        self.stats.invalid += 1
+        self.stats.invalid_by[word] += 1
+        self.log.info("invalid", reason=reason, **details)
+        return protocol.format_invalid(line.strip())
