@@ -36,24 +36,22 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import fcntl
 import hashlib
 import json
 import os
 import signal
 import struct
 import sys
-import tempfile
 import time
 import zlib
 from array import array
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from os import PathLike
 from pathlib import Path
 from typing import Any
 
-from . import offline
+from . import fsutil, offline
 from .offline import DEFAULT_STRIP_DEG, SCALE, Dataset
 
 FORMAT_VERSION = 1
@@ -206,39 +204,6 @@ def _columns(header: dict[str, Any], payload: memoryview, key: str | None) -> Da
     )
 
 
-def write_atomically(path: Path, data: bytes) -> None:
-    """Temp file in the same directory, fsync, os.replace, fsync the directory."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as out:
-            out.write(data)
-            out.flush()
-            os.fchmod(out.fileno(), 0o644)
-            os.fsync(out.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    with contextlib.suppress(OSError):
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-
-
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    """An exclusive flock on <path>.lock (the lock file stays: removing it would race)."""
-    fd = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)  # releases the lock
-
-
 # ---------------------------------------------------------------- load or build
 
 
@@ -295,7 +260,7 @@ def ensure(
     with contextlib.ExitStack() as stack:
         try:
             directory.mkdir(parents=True, exist_ok=True)
-            stack.enter_context(_locked(file))
+            stack.enter_context(fsutil.locked(f"{file}.lock"))
         except OSError as exc:
             return _in_memory(source, file, f"cannot use the cache dir {directory} ({_why(exc)}); built in memory")
         with contextlib.suppress(OSError, CacheError):
@@ -303,7 +268,7 @@ def ensure(
         dataset = offline.load_dataset(source.path, strip_deg)
         data = serialize(dataset, source.key)
         try:
-            write_atomically(file, data)
+            fsutil.atomic_write(file, [data])
         except OSError as exc:
             return Outcome(dataset, "memory", file, data, f"cannot write {file} ({_why(exc)}); built in memory")
         _prune_older(directory, source, keep=file)
