@@ -29,7 +29,7 @@ so a reader sees the old file, the new file or none, never a torn one.
 
 ``python -m herdserver.offline build-cache`` (see ``main``) builds it ahead of
 time; ``--stdout`` is how a server's background loader gets the data from its
-child process (see ``offline._Loading``), even when the cache dir is not writable.
+child process (see ``offline.py``), even when the cache dir is not writable.
 """
 
 from __future__ import annotations
@@ -51,8 +51,8 @@ from os import PathLike
 from pathlib import Path
 from typing import Any
 
-from . import fsutil, offline
-from .offline import DEFAULT_STRIP_DEG, SCALE, Dataset
+from .. import fsutil
+from .geonames import DEFAULT_STRIP_DEG, SCALE, Dataset, default_data_path, load_dataset, reason, strip_count
 
 FORMAT_VERSION = 1
 MAGIC = b"HERDGEO\n"
@@ -100,7 +100,7 @@ class Source:
 
     @classmethod
     def of(cls, path: str | PathLike[str] | None = None, strip_deg: float = DEFAULT_STRIP_DEG) -> Source:
-        resolved = Path(os.path.abspath(path if path is not None else offline.default_data_path()))
+        resolved = Path(os.path.abspath(path if path is not None else default_data_path()))
         st = os.stat(resolved)
         return cls(resolved, st.st_size, st.st_mtime_ns, strip_e5(strip_deg))
 
@@ -190,7 +190,7 @@ def _columns(header: dict[str, Any], payload: memoryview, key: str | None) -> Da
     names = bytes(payload[offset : offset + int(header["names_bytes"])])
     regions = [(str(cc), str(admin1)) for cc, admin1 in header["regions"]]
     starts = columns.pop("strip_start")
-    strips = 2 * offline._LAT_OFFSET // s_e5 + 1
+    strips = strip_count(s_e5)
     if (
         any(len(c) != rows for c in columns.values())
         or len(starts) != strips + 1
@@ -265,7 +265,7 @@ def ensure(
             return _in_memory(source, file, f"cannot use the cache dir {directory} ({_why(exc)}); built in memory")
         with contextlib.suppress(OSError, CacheError):
             return _loaded(file, source)  # built by another process while this one waited
-        dataset = offline.load_dataset(source.path, strip_deg)
+        dataset = load_dataset(source.path, strip_deg)
         data = serialize(dataset, source.key)
         try:
             fsutil.atomic_write(file, [data])
@@ -311,7 +311,7 @@ def _loaded(file: Path, source: Source) -> Outcome:
 
 
 def _in_memory(source: Source, file: Path, note: str) -> Outcome:
-    dataset = offline.load_dataset(source.path, source.strip_e5 / SCALE)
+    dataset = load_dataset(source.path, source.strip_e5 / SCALE)
     return Outcome(dataset, "memory", file, serialize(dataset, source.key), note)
 
 
@@ -341,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         outcome = ensure(args.data, args.cache_dir)
     except (OSError, ValueError, UnicodeError) as exc:
-        print(f"offline place data unavailable: {offline._reason(exc)}", file=sys.stderr)
+        print(f"offline place data unavailable: {reason(exc)}", file=sys.stderr)
         return 1
     seconds = time.perf_counter() - started
     if outcome.note:
