@@ -115,7 +115,7 @@ def test_a_file_made_from_other_data_is_not_trusted(source: Path, tmp_path: Path
 
 
 def damaged(data: bytes) -> dict[str, bytes]:
-    head_end = geonames_cache._PREFIX.size + int.from_bytes(data[8:12], "little")
+    head_end = geonames_cache.PREFIX.size + int.from_bytes(data[8:12], "little")
     flip = bytearray(data)
     flip[len(data) - 3] ^= 0x40
     head_flip = bytearray(data)
@@ -150,7 +150,7 @@ def test_damaged_files_are_detected_and_rebuilt(kind: str, source: Path, tmp_pat
 def test_a_well_summed_header_of_the_wrong_shape_is_an_error_not_a_crash() -> None:
     head = json.dumps({"version": 1, "key": "k", "byteorder": sys.byteorder, "payload_bytes": 0,
                        "payload_crc32": 0, "rows": "many"}).encode()
-    data = geonames_cache._PREFIX.pack(geonames_cache.MAGIC, len(head), zlib.crc32(head)) + head
+    data = geonames_cache.PREFIX.pack(geonames_cache.MAGIC, len(head), zlib.crc32(head)) + head
     with pytest.raises(CacheError, match="malformed"):
         geonames_cache.parse(data, "k")
 

@@ -56,7 +56,7 @@ from .geonames import DEFAULT_STRIP_DEG, SCALE, Dataset, default_data_path, load
 
 FORMAT_VERSION = 1
 MAGIC = b"HERDGEO\n"
-_PREFIX = struct.Struct("<8sII")  # magic, header length, header crc32
+PREFIX = struct.Struct("<8sII")  # magic, header length, header crc32
 MAX_HEADER_BYTES = 16 << 20
 # The Dataset's columns, in file order: (attribute, array typecode).
 COLUMNS = (
@@ -141,21 +141,21 @@ def serialize(ds: Dataset, key: str) -> bytes:
         "payload_crc32": crc,
     }
     head = json.dumps(header, ensure_ascii=True, separators=(",", ":")).encode("ascii")
-    return b"".join([_PREFIX.pack(MAGIC, len(head), zlib.crc32(head)), head, *parts])
+    return b"".join([PREFIX.pack(MAGIC, len(head), zlib.crc32(head)), head, *parts])
 
 
 def parse(data: bytes | bytearray | memoryview, key: str | None) -> Dataset:
     """The Dataset in ``data``; CacheError unless every check passes (``key`` None: any key)."""
     view = memoryview(data)
-    if len(view) < _PREFIX.size:
+    if len(view) < PREFIX.size:
         raise CacheError(f"only {len(view)} bytes, shorter than the header")
-    magic, head_len, head_crc = _PREFIX.unpack_from(view)
+    magic, head_len, head_crc = PREFIX.unpack_from(view)
     if magic != MAGIC:
         raise CacheError("not a herdserver place cache")
-    start = _PREFIX.size + head_len
+    start = PREFIX.size + head_len
     if head_len > MAX_HEADER_BYTES or start > len(view):
         raise CacheError("truncated in its header")
-    head = view[_PREFIX.size : start]
+    head = view[PREFIX.size : start]
     if zlib.crc32(head) != head_crc:
         raise CacheError("header damaged (checksum)")
     try:
@@ -279,10 +279,10 @@ def ensure(
 def header_of(file: Path) -> dict[str, Any]:
     """The JSON header of a cache file (checked against its checksum); CacheError/OSError."""
     with open(file, "rb") as f:
-        prefix = f.read(_PREFIX.size)
-        if len(prefix) < _PREFIX.size:
+        prefix = f.read(PREFIX.size)
+        if len(prefix) < PREFIX.size:
             raise CacheError("shorter than the header")
-        magic, head_len, head_crc = _PREFIX.unpack(prefix)
+        magic, head_len, head_crc = PREFIX.unpack(prefix)
         head = f.read(min(head_len, MAX_HEADER_BYTES))
     if magic != MAGIC or len(head) != head_len or zlib.crc32(head) != head_crc:
         raise CacheError("not a whole herdserver place cache header")

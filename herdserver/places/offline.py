@@ -52,6 +52,7 @@ def shared_dataset(path: str | PathLike[str] | None = None, cache_dir: Path | No
 
     Synchronous: from the cache file when it is valid (milliseconds), else built
     here (seconds) and written to the cache for the next process."""
+
     def make() -> Dataset | str:
         try:
             outcome = geonames_cache.ensure(path, cache_dir)
