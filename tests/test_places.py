@@ -22,14 +22,9 @@ import pytest
 import requests
 
 from herdserver.config import PlacesSettings
-from herdserver.places import (
-    DEFAULT_FIELD_MASK,
-    GoogleLegacyProvider,
-    GoogleNewProvider,
-    choose,
-    legacy_result,
-    make_provider,
-)
+from herdserver.places import choose, make_provider
+from herdserver.places.google import DEFAULT_FIELD_MASK, GoogleLegacyProvider, GoogleNewProvider, legacy_result
+from herdserver.places.offline import OfflineProvider
 
 from .conftest import wait_until
 from .fake_places import LEGACY_PATH, NEW_PATH, PLACES, UCLA, FakePlaces, haversine_m, to_legacy
@@ -452,6 +447,13 @@ def test_make_provider_passes_the_key_from_the_environment(provider: str, cls: t
         assert isinstance(made, GoogleNewProvider | GoogleLegacyProvider) and made.api_key == "k-123"
     finally:
         made.close()
+
+
+@pytest.mark.usefixtures("warm_offline_cache")
+def test_make_provider_makes_a_background_provider_waiting_up_to_the_places_timeout() -> None:
+    made = make_provider(PlacesSettings(provider="offline", timeout=3.5), {})
+    assert isinstance(made, OfflineProvider) and made.wait_seconds == 3.5
+    assert made.ready(0)  # the warm cache: loaded in make_provider, no child
 
 
 # ------------------------------------------------------------------ the fake behaves like Google

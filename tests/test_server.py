@@ -12,7 +12,7 @@ import gevent
 import pytest
 
 from herdserver.config import Limits, PlacesSettings
-from herdserver.places import GoogleNewProvider
+from herdserver.places.google import GoogleNewProvider
 
 from .conftest import TEST_KEY, Herd, iamat, wait_until
 

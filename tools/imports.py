@@ -39,22 +39,20 @@ def module_name(path: Path) -> str:
     return ".".join(parts)
 
 
-def imports_of(path: Path) -> Iterator[str]:
-    """Every module ``path`` imports (absolute names), wherever the import stands."""
+def imports_of(path: Path) -> Iterator[tuple[str, tuple[str, ...]]]:
+    """Every import in ``path`` as (absolute module, names taken from it), wherever it stands."""
     name = module_name(path)
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
         if isinstance(node, ast.Import):
-            yield from (alias.name for alias in node.names)
+            yield from ((alias.name, ()) for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
                 anchor = package.split(".")
                 anchor = anchor[: len(anchor) - node.level + 1]
                 base = ".".join([*anchor, base]) if base else ".".join(anchor)
-            yield base
-            for alias in node.names:  # "from . import x" may name a module
-                yield f"{base}.{alias.name}"
+            yield base, tuple(alias.name for alias in node.names)
 
 
 def graph() -> dict[str, set[str]]:
@@ -62,16 +60,23 @@ def graph() -> dict[str, set[str]]:
     edges: dict[str, set[str]] = {}
     for name, path in modules.items():
         targets = set()
-        for imported in imports_of(path):
-            if imported.startswith(PACKAGE):
-                while imported not in modules and "." in imported:
-                    imported = imported.rpartition(".")[0]
-                if imported in modules and imported != name:
-                    targets.add(imported)
-            else:
-                targets.add(imported)
+        for base, names in imports_of(path):
+            # "from . import x" imports the module x when there is one, else a name of base
+            submodules = [f"{base}.{n}" for n in names if f"{base}.{n}" in modules]
+            for imported in submodules or [base]:
+                add_target(imported, name, modules, targets)
         edges[name] = targets
     return edges
+
+
+def add_target(imported: str, name: str, modules: dict[str, Path], targets: set[str]) -> None:
+    if imported.startswith(PACKAGE):
+        while imported not in modules and "." in imported:
+            imported = imported.rpartition(".")[0]
+        if imported in modules and imported != name:
+            targets.add(imported)
+    else:
+        targets.add(imported)
 
 
 def ours(edges: dict[str, set[str]]) -> dict[str, set[str]]:

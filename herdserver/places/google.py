@@ -1,4 +1,4 @@
-"""Places providers behind one interface returning Google's legacy Nearby Search shape.
+"""The Google Places providers: Places API (New) mapped to the legacy shape, and the legacy API.
 
 ``provider.nearby(lat, lon, radius_m, bound)`` never raises for an upstream
 problem: it returns the legacy JSON shape, with ``status`` and
@@ -11,17 +11,16 @@ could reach a log or a client.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 from urllib.parse import quote, quote_plus, urlencode
 
 import requests
 from requests.adapters import HTTPAdapter
 
-from .config import PlacesSettings, effective_provider
-from .core.places_json import cut_results, places_error
+from ..config import PlacesSettings
+from ..core.places_json import cut_results, places_error
 
 GOOGLE_ORIGIN = "https://places.googleapis.com"
 GOOGLE_LEGACY_ORIGIN = "https://maps.googleapis.com"
@@ -34,16 +33,6 @@ DEFAULT_FIELD_MASK = ",".join(
     "places." + f
     for f in ("id", "displayName", "location", "viewport", "types", "shortFormattedAddress", "businessStatus")
 )
-
-
-class Provider(Protocol):
-    name: str
-
-    def nearby(self, lat: float, lon: float, radius_m: float, bound: int) -> dict[str, Any]:
-        """Legacy Nearby Search JSON (a dict) with at most ``bound`` results."""
-        ...
-
-    def close(self) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -309,23 +298,3 @@ class GoogleLegacyProvider(_HttpProvider):
         if "error_message" in body:
             body["error_message"] = redact(str(body["error_message"]), self.api_key)
         return cut_results(body, bound)
-
-
-def choose(settings: PlacesSettings, environ: Mapping[str, str] | None = None) -> str:
-    """The provider ``auto`` stands for: google with a key in the environment, else offline."""
-    return effective_provider(settings, os.environ if environ is None else environ)
-
-
-def make_provider(settings: PlacesSettings, environ: Mapping[str, str] | None = None) -> Provider:
-    environ = os.environ if environ is None else environ
-    kind = choose(settings, environ)
-    key = environ.get(settings.api_key_env) or None
-    if kind == "google":
-        return GoogleNewProvider(settings, key)
-    if kind == "google-legacy":
-        return GoogleLegacyProvider(settings, key)
-    from .offline import OfflineProvider  # loads its data only when chosen
-
-    # Never blocks the server's start: from the cache in ms, or built by a child
-    # process while WHATSATs wait up to the Places timeout for it.
-    return OfflineProvider(background=True, wait_seconds=settings.timeout)

@@ -29,36 +29,34 @@ so a reader sees the old file, the new file or none, never a torn one.
 
 ``python -m herdserver.offline build-cache`` (see ``main``) builds it ahead of
 time; ``--stdout`` is how a server's background loader gets the data from its
-child process (see ``offline._Loading``), even when the cache dir is not writable.
+child process (see ``offline.py``), even when the cache dir is not writable.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import fcntl
 import hashlib
 import json
 import os
 import signal
 import struct
 import sys
-import tempfile
 import time
 import zlib
 from array import array
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from os import PathLike
 from pathlib import Path
 from typing import Any
 
-from . import offline
-from .offline import DEFAULT_STRIP_DEG, SCALE, Dataset
+from .. import fsutil
+from .geonames import DEFAULT_STRIP_DEG, SCALE, Dataset, default_data_path, load_dataset, reason, strip_count
 
 FORMAT_VERSION = 1
 MAGIC = b"HERDGEO\n"
-_PREFIX = struct.Struct("<8sII")  # magic, header length, header crc32
+PREFIX = struct.Struct("<8sII")  # magic, header length, header crc32
 MAX_HEADER_BYTES = 16 << 20
 # The Dataset's columns, in file order: (attribute, array typecode).
 COLUMNS = (
@@ -102,7 +100,7 @@ class Source:
 
     @classmethod
     def of(cls, path: str | PathLike[str] | None = None, strip_deg: float = DEFAULT_STRIP_DEG) -> Source:
-        resolved = Path(os.path.abspath(path if path is not None else offline.default_data_path()))
+        resolved = Path(os.path.abspath(path if path is not None else default_data_path()))
         st = os.stat(resolved)
         return cls(resolved, st.st_size, st.st_mtime_ns, strip_e5(strip_deg))
 
@@ -143,21 +141,21 @@ def serialize(ds: Dataset, key: str) -> bytes:
         "payload_crc32": crc,
     }
     head = json.dumps(header, ensure_ascii=True, separators=(",", ":")).encode("ascii")
-    return b"".join([_PREFIX.pack(MAGIC, len(head), zlib.crc32(head)), head, *parts])
+    return b"".join([PREFIX.pack(MAGIC, len(head), zlib.crc32(head)), head, *parts])
 
 
 def parse(data: bytes | bytearray | memoryview, key: str | None) -> Dataset:
     """The Dataset in ``data``; CacheError unless every check passes (``key`` None: any key)."""
     view = memoryview(data)
-    if len(view) < _PREFIX.size:
+    if len(view) < PREFIX.size:
         raise CacheError(f"only {len(view)} bytes, shorter than the header")
-    magic, head_len, head_crc = _PREFIX.unpack_from(view)
+    magic, head_len, head_crc = PREFIX.unpack_from(view)
     if magic != MAGIC:
         raise CacheError("not a herdserver place cache")
-    start = _PREFIX.size + head_len
+    start = PREFIX.size + head_len
     if head_len > MAX_HEADER_BYTES or start > len(view):
         raise CacheError("truncated in its header")
-    head = view[_PREFIX.size : start]
+    head = view[PREFIX.size : start]
     if zlib.crc32(head) != head_crc:
         raise CacheError("header damaged (checksum)")
     try:
@@ -192,7 +190,7 @@ def _columns(header: dict[str, Any], payload: memoryview, key: str | None) -> Da
     names = bytes(payload[offset : offset + int(header["names_bytes"])])
     regions = [(str(cc), str(admin1)) for cc, admin1 in header["regions"]]
     starts = columns.pop("strip_start")
-    strips = 2 * offline._LAT_OFFSET // s_e5 + 1
+    strips = strip_count(s_e5)
     if (
         any(len(c) != rows for c in columns.values())
         or len(starts) != strips + 1
@@ -204,39 +202,6 @@ def _columns(header: dict[str, Any], payload: memoryview, key: str | None) -> Da
     return Dataset.from_columns(
         columns, names=names, regions=regions, strip_start=starts, strip_e5=s_e5, skipped=int(header["skipped"])
     )
-
-
-def write_atomically(path: Path, data: bytes) -> None:
-    """Temp file in the same directory, fsync, os.replace, fsync the directory."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as out:
-            out.write(data)
-            out.flush()
-            os.fchmod(out.fileno(), 0o644)
-            os.fsync(out.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    with contextlib.suppress(OSError):
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-
-
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    """An exclusive flock on <path>.lock (the lock file stays: removing it would race)."""
-    fd = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)  # releases the lock
 
 
 # ---------------------------------------------------------------- load or build
@@ -295,15 +260,15 @@ def ensure(
     with contextlib.ExitStack() as stack:
         try:
             directory.mkdir(parents=True, exist_ok=True)
-            stack.enter_context(_locked(file))
+            stack.enter_context(fsutil.locked(f"{file}.lock"))
         except OSError as exc:
             return _in_memory(source, file, f"cannot use the cache dir {directory} ({_why(exc)}); built in memory")
         with contextlib.suppress(OSError, CacheError):
             return _loaded(file, source)  # built by another process while this one waited
-        dataset = offline.load_dataset(source.path, strip_deg)
+        dataset = load_dataset(source.path, strip_deg)
         data = serialize(dataset, source.key)
         try:
-            write_atomically(file, data)
+            fsutil.atomic_write(file, [data])
         except OSError as exc:
             return Outcome(dataset, "memory", file, data, f"cannot write {file} ({_why(exc)}); built in memory")
         _prune_older(directory, source, keep=file)
@@ -314,10 +279,10 @@ def ensure(
 def header_of(file: Path) -> dict[str, Any]:
     """The JSON header of a cache file (checked against its checksum); CacheError/OSError."""
     with open(file, "rb") as f:
-        prefix = f.read(_PREFIX.size)
-        if len(prefix) < _PREFIX.size:
+        prefix = f.read(PREFIX.size)
+        if len(prefix) < PREFIX.size:
             raise CacheError("shorter than the header")
-        magic, head_len, head_crc = _PREFIX.unpack(prefix)
+        magic, head_len, head_crc = PREFIX.unpack(prefix)
         head = f.read(min(head_len, MAX_HEADER_BYTES))
     if magic != MAGIC or len(head) != head_len or zlib.crc32(head) != head_crc:
         raise CacheError("not a whole herdserver place cache header")
@@ -346,7 +311,7 @@ def _loaded(file: Path, source: Source) -> Outcome:
 
 
 def _in_memory(source: Source, file: Path, note: str) -> Outcome:
-    dataset = offline.load_dataset(source.path, source.strip_e5 / SCALE)
+    dataset = load_dataset(source.path, source.strip_e5 / SCALE)
     return Outcome(dataset, "memory", file, serialize(dataset, source.key), note)
 
 
@@ -376,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         outcome = ensure(args.data, args.cache_dir)
     except (OSError, ValueError, UnicodeError) as exc:
-        print(f"offline place data unavailable: {offline._reason(exc)}", file=sys.stderr)
+        print(f"offline place data unavailable: {reason(exc)}", file=sys.stderr)
         return 1
     seconds = time.perf_counter() - started
     if outcome.note:
