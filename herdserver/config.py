@@ -75,6 +75,9 @@ def effective_provider(settings: PlacesSettings, environ: Mapping[str, str]) -> 
 
 
 HTTP_PORT_OFFSET = 1000  # the default http_port: the client port + 1000
+HERD_PORT_OFFSET = 2000  # the default herd_port: the client port + 2000
+NO_SECRET = "-"  # secret_file = - : links run unauthenticated (warned about at start)
+SECRET_FILE_NAME = "herd.secret"
 
 
 @dataclass(frozen=True)
@@ -84,6 +87,13 @@ class ServerConfig:
     port: int
     neighbors: tuple[str, ...]
     http_port: int = 0  # metrics, /status and the herd page; 0: no HTTP side (herd.ini's default: port + 1000)
+    herd_port: int = 0  # where neighbors' links connect (herd.ini's default: port + 2000); 0: none (foreign)
+    foreign: bool = False  # another implementation: sent plain AT lines on its client port
+
+    def listen_ports(self) -> list[tuple[str, int]]:
+        """(key, port) for every port this server listens on."""
+        ports = [("port", self.port), ("http_port", self.http_port), ("herd_port", self.herd_port)]
+        return [(key, port) for key, port in ports if port]
 
     @property
     def reach(self) -> str:
@@ -93,6 +103,11 @@ class ServerConfig:
     def http_url(self, path: str) -> str:
         host = f"[{self.reach}]" if ":" in self.reach else self.reach
         return f"http://{host}:{self.http_port}{path}"
+
+    @property
+    def link_port(self) -> int:
+        """Where a neighbor's link connects: the herd port, or a foreign server's client port."""
+        return self.port if self.foreign else self.herd_port
 
 
 @dataclass(frozen=True)
@@ -104,6 +119,9 @@ class HerdConfig:
     state_dir: str | None = None  # None: memory only (no state file)
     fsync: str = "interval"
     secret_env: str = "HERD_SECRET"  # the environment variable holding the herd's shared secret(s)
+    # Where the herd's secret lives when the variable is not set (made by the first server
+    # that needs it); None: links run unauthenticated ([herd] secret_file = -).
+    secret_file: str | None = None
 
     def secrets(self, environ: Mapping[str, str]) -> tuple[bytes, ...]:
         """The shared secrets, comma-separated in the variable: the first proves, any verifies."""
@@ -129,7 +147,7 @@ class HerdConfig:
         return None if self.state_dir is None else os.path.join(self.state_dir, f"{name}.state")
 
 
-_HERD_KEYS = {"host", "log_dir", "log_level", "state_dir", "fsync", "secret_env"}
+_HERD_KEYS = {"host", "log_dir", "log_level", "state_dir", "fsync", "secret_env", "secret_file"}
 _LIMIT_KEYS = {
     "max_line_bytes", "max_connections", "max_connections_per_ip", "line_timeout", "idle_timeout",
     "write_timeout", "shutdown_grace", "park_after", "max_clock_skew",
@@ -140,7 +158,7 @@ _PEER_KEYS = {
 FSYNC_MODES = ("interval", "always", "never")
 NO_STATE = "-"  # state_dir = - : a memory-only herd
 _PLACES_KEYS = {"provider", "api_key_env", "base_url", "timeout", "connect_timeout", "pool_size", "field_mask"}
-_SERVER_KEYS = {"port", "neighbors", "host", "http_port"}
+_SERVER_KEYS = {"port", "neighbors", "host", "http_port", "herd_port", "foreign"}
 LOG_STDOUT = "-"  # [herd] log_dir = - : every server logs to its standard output
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
@@ -217,6 +235,8 @@ def _check_host(reader: _Reader, section: str, key: str, host: str) -> str:
 def _read_servers(reader: _Reader, default_host: str) -> dict[str, ServerConfig]:
     raw: dict[str, tuple[str, int, list[str]]] = {}
     http_ports: dict[str, int] = {}
+    herd_ports: dict[str, int] = {}
+    foreign: dict[str, bool] = {}
     for section in reader.parser.sections():
         if not section.startswith("server:"):
             continue
@@ -230,12 +250,16 @@ def _read_servers(reader: _Reader, default_host: str) -> dict[str, ServerConfig]
         host = _check_host(reader, section, "host", reader.parser[section].get("host", default_host).strip())
         neighbors = [n.strip() for n in reader.parser[section].get("neighbors", "").split(",") if n.strip()]
         raw[name] = (host, port, neighbors)
-        if "http_port" in reader.parser[section]:
-            http_ports[name] = reader.integer(section, "http_port", 0, 0, 65535)
-        elif port + HTTP_PORT_OFFSET > 65535:
-            raise reader.error(section, "http_port", f"the default (port + {HTTP_PORT_OFFSET}) is past 65535: set it")
+        foreign[name] = _read_yes_no(reader, section, "foreign", False)
+        http_ports[name] = _port_or_default(reader, section, "http_port", port + HTTP_PORT_OFFSET, HTTP_PORT_OFFSET)
+        if foreign[name]:
+            if "herd_port" in reader.parser[section]:
+                raise reader.error(section, "herd_port", "a foreign server has no herd port (links use its port)")
+            herd_ports[name] = 0
         else:
-            http_ports[name] = port + HTTP_PORT_OFFSET
+            herd_ports[name] = _port_or_default(
+                reader, section, "herd_port", port + HERD_PORT_OFFSET, HERD_PORT_OFFSET, minimum=1
+            )
     if not raw:
         raise reader.error(None, None, "no [server:NAME] sections")
     links: dict[str, set[str]] = {name: set() for name in raw}
@@ -253,23 +277,46 @@ def _read_servers(reader: _Reader, default_host: str) -> dict[str, ServerConfig]
             # A link named on one side only is still a link both ways.
             links[name].add(neighbor)
             links[neighbor].add(name)
-    _check_http_ports(reader, raw, http_ports)
-    return {
-        name: ServerConfig(name, host, port, tuple(sorted(links[name])), http_ports[name])
+    servers = {
+        name: ServerConfig(
+            name, host, port, tuple(sorted(links[name])), http_ports[name], herd_ports[name], foreign[name]
+        )
         for name, (host, port, _) in raw.items()
     }
+    _check_ports(reader, servers)
+    return servers
 
 
-def _check_http_ports(reader: _Reader, raw: dict[str, tuple[str, int, list[str]]], http_ports: dict[str, int]) -> None:
-    """An HTTP port must not be any server's client port or another server's HTTP port on the same host."""
-    taken = {(host, port): f"the client port of server {name}" for name, (host, port, _) in raw.items()}
-    for name, http_port in http_ports.items():
-        if not http_port:
-            continue
-        where = (raw[name][0], http_port)
-        if where in taken:
-            raise reader.error(f"server:{name}", "http_port", f"{where[0]}:{http_port} is already {taken[where]}")
-        taken[where] = f"the http_port of server {name}"
+def _port_or_default(reader: _Reader, section: str, key: str, default: int, offset: int, minimum: int = 0) -> int:
+    if key in reader.parser[section]:
+        return reader.integer(section, key, 0, minimum, 65535)
+    if default > 65535:
+        raise reader.error(section, key, f"the default (port + {offset}) is past 65535: set it")
+    return default
+
+
+def _read_yes_no(reader: _Reader, section: str, key: str, default: bool) -> bool:
+    text = reader.parser[section].get(key)
+    if text is None:
+        return default
+    value = {"yes": True, "true": True, "on": True, "1": True, "no": False, "false": False, "off": False, "0": False}
+    if text.strip().lower() not in value:
+        raise reader.error(section, key, f"{text.strip()!r} is not yes or no")
+    return value[text.strip().lower()]
+
+
+def _check_ports(reader: _Reader, servers: dict[str, ServerConfig]) -> None:
+    """No two ports the herd listens on may be the same address (client ports are
+    checked as they are read: their message names the server that has it)."""
+    taken = {(s.host, s.port): f"the client port of server {s.name}" for s in servers.values()}
+    for server in servers.values():
+        for key, port in server.listen_ports():
+            if key == "port":
+                continue
+            where = (server.host, port)
+            if where in taken:
+                raise reader.error(f"server:{server.name}", key, f"{where[0]}:{port} is already {taken[where]}")
+            taken[where] = f"the {key} of server {server.name}"
 
 
 def _parse_error(path: str, exc: configparser.Error) -> ConfigError:
@@ -340,6 +387,7 @@ def load(path: str | os.PathLike[str]) -> HerdConfig:
         state_dir=_read_state_dir(reader, path),
         fsync=fsync,
         secret_env=_variable_name(reader, "herd", "secret_env", "HERD_SECRET"),
+        secret_file=_read_secret_file(reader, path),
         limits=_read_limits(reader),
         peers=_read_peers(reader),
         places=_read_places(reader),
@@ -355,6 +403,20 @@ def _read_state_dir(reader: _Reader, path: str) -> str | None:
     if not os.path.isabs(state_dir):
         state_dir = os.path.join(os.path.dirname(os.path.abspath(path)), state_dir)
     return state_dir
+
+
+def _read_secret_file(reader: _Reader, path: str) -> str | None:
+    """``[herd] secret_file``: default ``herd.secret`` in the state directory (or beside
+    herd.ini for a memory-only herd), so every server started from one herd.ini on one
+    host finds the same file; ``-`` runs links unauthenticated."""
+    secret_file = reader.get("herd", "secret_file", str, "", "a file")
+    if secret_file == NO_SECRET:
+        return None
+    here = os.path.dirname(os.path.abspath(path))
+    if not secret_file:
+        state_dir = _read_state_dir(reader, path)
+        return os.path.join(state_dir if state_dir is not None else here, SECRET_FILE_NAME)
+    return secret_file if os.path.isabs(secret_file) else os.path.join(here, secret_file)
 
 
 def prepare_log_dir(config: HerdConfig) -> None:

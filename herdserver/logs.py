@@ -22,6 +22,7 @@ import re
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from typing import Any, TextIO
 
 from .config import LOG_STDOUT
@@ -130,6 +131,8 @@ class EventLog:
         self.lines_written = 0  # herd_log_lines_total
         self.lines_dropped = 0  # herd_log_lines_dropped_total: the write failed
         self.pending: list[_Record] = []
+        # Called when a line is buffered and none was: an idle server does not wake to flush.
+        self.on_pending: Callable[[], None] | None = None
         self.buffered = 0  # about how many bytes ``pending`` will format to
         self.max_buffer = max_buffer
         self._second = -1
@@ -171,6 +174,8 @@ class EventLog:
             self.flush()
 
     def _keep(self, record: _Record, size: int) -> None:
+        if not self.pending and self.on_pending is not None:
+            self.on_pending()  # the first line since the last flush: the server schedules one
         self.pending.append(record)
         self.buffered += size
         if self.buffered >= self.max_buffer:

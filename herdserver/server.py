@@ -23,6 +23,7 @@ from collections.abc import Callable, Mapping
 import gevent
 from gevent.event import Event
 from gevent.greenlet import Greenlet
+from gevent.lock import Semaphore
 from gevent.pool import Group
 
 from . import logs
@@ -33,10 +34,11 @@ from .core.stats import Stats
 from .core.status import RecentEvents, ServerStatus
 from .core.store import Store, time_of
 from .core.trust import Trust, canonical_ip
+from .herdsecret import load_secret
 from .net.clients import ClientPort, Connection
 from .net.commands import Commands
-from .net.links import Link, new_token
-from .net.responder import Responder
+from .net.links import MAX_CONCURRENT_SYNCS, ForeignLink, Link, new_token
+from .net.responder import HerdPort
 from .net.whatsat import WhatsatLanes
 from .ops.web import HttpFront
 from .places import Provider, make_provider
@@ -58,6 +60,7 @@ class HerdServer:
         name: str,
         *,
         listener: socket.socket | None = None,
+        herd_listener: socket.socket | None = None,
         provider: Provider | None = None,
         clock: Callable[[], int] = time.time_ns,
         environ: Mapping[str, str] | None = None,
@@ -76,30 +79,23 @@ class HerdServer:
         self.provider = provider if provider is not None else make_provider(config.places)
         self.stats = Stats()
         self.events = RecentEvents()
-        secrets = config.secrets(os.environ if environ is None else environ)
-        self.trust = Trust(secrets, herd_addresses(config), frozenset(config.peers.trusted))
+        self.secret = load_secret(config, os.environ if environ is None else environ)
+        self.trust = client_port_trust(config)
         self.replica = Replica(self.store, config.servers, self.limits.max_clock_skew, self.state)
         self.whatsat = WhatsatLanes(self.provider, config.places.timeout, self.stats, self.log)
         self.commands = Commands(
             name, self.replica, self.whatsat, self.stats, self.log, self.state, self.trust,
-            refresh_trust=lambda: Trust(secrets, herd_addresses(config), frozenset(config.peers.trusted)),
-            clock=clock,
+            refresh_trust=lambda: client_port_trust(config), clock=clock,
         )
-        me_bytes = name.encode("utf-8")
-        self.links = {
-            neighbor: Link(
-                config.servers[neighbor], config.peers, me_bytes, self.store, self.commands.digests,
-                self.commands.receive_at, self.commands.persist, self.log, self.events, self.boot_id, secrets,
-            )
-            for neighbor in self.me.neighbors
-        }
+        self.links = self._make_links()
         self.replica.outlets = list(self.links.values())
-        others = tuple(n for n in config.servers if n != name)
-        self.responder = Responder(
-            me_bytes, self.store, self.commands.digests, self.boot_id, others, self.log,
-            self._peer_said_hello, secrets, self._peer_said_bye,
+        self.herd_port = HerdPort(
+            herd_listener if herd_listener is not None else (self.me.host, self.me.herd_port),
+            name.encode("utf-8"), self.me.neighbors, self.boot_id, self.secret.secrets, self.store,
+            self.commands.digests, self.commands.take_line, self.commands.persist, self.log,
+            handshake_timeout=config.peers.connect_timeout, write_timeout=config.peers.write_timeout,
+            on_proven=self._peer_proven, on_bye=self._peer_said_bye,
         )
-        self.commands.herd_words = self.responder
         fd_limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
         self.max_connections = limits.max_connections(
             self.limits.max_connections, fd_limit, len(self.me.neighbors), config.places.pool_size
@@ -113,6 +109,8 @@ class HerdServer:
             max_connections=self.max_connections,
         )
         self._workers = Group()  # links, the log flusher, the sweeper, compaction
+        self._log_pending = Event()
+        self.log.on_pending = self._log_pending.set
         self._stopped = Event()
         self.started_at = 0.0
         self._started_monotonic = 0.0
@@ -141,7 +139,7 @@ class HerdServer:
         self.started_at = time.time()
         self._started_monotonic = time.monotonic()
         if self.http is not None:  # first: a taken http_port stops the start before anything runs
-            self.http.start()
+            _bind("http_port", self.me.http_port, self.http.start)
         if self.state is not None:
             started = time.perf_counter()
             report = self.state.replay(self.store.load)
@@ -161,14 +159,19 @@ class HerdServer:
             self.commands.digests.clear()
             self._workers.spawn(self.commands.compute_digests).link_exception(self._worker_died)
         self.state_loaded = True
-        self.clients.start()
+        _bind("port", self.me.port, self.clients.start)
+        _bind("herd_port", self.me.herd_port, self.herd_port.start)
+        if not self.secret.secrets:
+            self.log.warning("links_unauthenticated", reason="secret_file = - and no secret in the environment")
         self.log.info(
             "start",
             address="%s:%d" % self.address,
             neighbors=",".join(self.me.neighbors) or "-",
             provider=self.provider.name,
             boot=self.boot_id,
-            links="authenticated" if self.trust.authenticated else "by-address",
+            herd_port=self.me.herd_port or "-",
+            links="authenticated" if self.secret.secrets else "UNAUTHENTICATED",
+            secret=self.secret.source,
             max_connections=self.max_connections,
         )
         for link in self.links.values():
@@ -176,7 +179,24 @@ class HerdServer:
         self._spawn_worker(self._flush_logs)
         self._spawn_worker(self.clients.park_quiet_clients)
 
-    def _peer_said_hello(self, name: str) -> None:
+    def _make_links(self) -> dict[str, Link | ForeignLink]:
+        """One link per neighbor: to its herd port, or plain AT lines to a foreign one's client port."""
+        config, peers = self.config, self.config.peers
+        sync_slots = Semaphore(MAX_CONCURRENT_SYNCS)
+        links: dict[str, Link | ForeignLink] = {}
+        for name in self.me.neighbors:
+            neighbor = config.servers[name]
+            if neighbor.foreign:
+                links[name] = ForeignLink(neighbor, peers, self.store, self.commands.persist, self.log, self.events)
+            else:
+                links[name] = Link(
+                    neighbor, peers, self.name.encode("utf-8"), self.store, self.commands.digests,
+                    self.commands.take_line, self.commands.persist, self.log, self.events, self.boot_id,
+                    self.secret.secrets, sync_slots,
+                )
+        return links
+
+    def _peer_proven(self, name: str) -> None:
         link = self.links.get(name)
         if link is not None:
             link.peer_seen()
@@ -208,11 +228,12 @@ class HerdServer:
         self.clients.handlers.join(timeout=grace)
         self.clients.handlers.kill(timeout=1)
         self.whatsat.close()
-        self._workers.kill(timeout=1)
         goodbyes = Group()
         for link in self.links.values():
             goodbyes.spawn(link.say_goodbye, GOODBYE_SECONDS)
         goodbyes.join(timeout=GOODBYE_SECONDS + 0.1)
+        self._workers.kill(timeout=1)
+        self.herd_port.close()
         if self.http is not None:
             self.http.stop()
         self.provider.close()
@@ -223,8 +244,12 @@ class HerdServer:
         self._stopped.set()
 
     def _flush_logs(self) -> None:
+        """Flush LOG_FLUSH_SECONDS after the first line since the last flush; an idle
+        server sleeps here instead of waking 20 times a second."""
         while True:
+            self._log_pending.wait()
             gevent.sleep(LOG_FLUSH_SECONDS)
+            self._log_pending.clear()
             self.log.flush()
 
     def _compact_when_needed(self) -> None:
@@ -266,13 +291,28 @@ class HerdServer:
         )
 
 
-def herd_addresses(config: HerdConfig) -> frozenset[str]:
-    """Every address the servers of herd.ini have (host names resolved once, at start)."""
+def client_port_trust(config: HerdConfig) -> Trust:
+    """Who may send AT lines on a client port: foreign neighbors' addresses and [peers] trusted."""
+    return Trust(herd_addresses(config, foreign_only=True), frozenset(config.peers.trusted))
+
+
+def herd_addresses(config: HerdConfig, foreign_only: bool = False) -> frozenset[str]:
+    """The addresses of the servers of herd.ini (host names resolved now)."""
     found: set[str] = set()
     for server in config.servers.values():
+        if foreign_only and not server.foreign:
+            continue
         try:
             infos = socket.getaddrinfo(server.host, server.port, type=socket.SOCK_STREAM)
         except OSError:
             continue  # not resolvable now: that server's lines are not accepted by address
         found.update(canonical_ip(str(info[4][0])) for info in infos)
     return frozenset(found)
+
+
+def _bind(key: str, port: int, start: Callable[[], None]) -> None:
+    """Start a listener; a failure names the herd.ini key (``herd_port 14000: Address already in use``)."""
+    try:
+        start()
+    except OSError as exc:
+        raise OSError(exc.errno, f"{key} {port}: {exc.strerror or exc}") from None

@@ -134,6 +134,7 @@ class Herd:
     servers: dict[str, HerdServer] = field(default_factory=dict)
     clients: list[LineClient] = field(default_factory=list)
     crashes: list[str] = field(default_factory=list)
+    herd_listeners: dict[str, socket.socket] = field(default_factory=dict)
 
     def address(self, name: str) -> tuple[str, int]:
         server = self.config.servers[name]
@@ -144,10 +145,15 @@ class Herd:
         self.clients.append(client)
         return client
 
-    def start(self, name: str, listener: socket.socket | None = None) -> HerdServer:
+    def start(
+        self, name: str, listener: socket.socket | None = None, herd_listener: socket.socket | None = None
+    ) -> HerdServer:
         environ = {"HERD_SECRET": self.secrets[name]} if name in self.secrets else {}
         provider = self.provider_factory(name)
-        server = HerdServer(self.config, name, listener=listener, provider=provider, clock=self.clock, environ=environ)
+        server = HerdServer(
+            self.config, name, listener=listener, herd_listener=herd_listener, provider=provider, clock=self.clock,
+            environ=environ,
+        )
         server.start()
         self.servers[name] = server
         return server
@@ -221,17 +227,26 @@ def make_herd(tmp_path: Path, fake_places: Any) -> Iterator[Callable[..., Herd]]
         state: bool = False,
         fsync: str = "never",
         secret: str | dict[str, str] | None = None,
+        secret_file: str | None = "herd.secret",
         http: bool = False,
+        foreign: tuple[str, ...] = (),
     ) -> Herd:
-        """``http``: every server also serves its HTTP side (metrics, /status, ...) on a free port."""
+        """``http``: every server also serves its HTTP side (metrics, /status, ...) on a free port.
+        ``secret``: the HERD_SECRET of every server (or per server); without it the servers share
+        ``secret_file`` (made by the first), the default a user gets; None: unauthenticated links.
+        ``foreign``: servers herd.ini marks ``foreign = yes`` (not started: a test plays them)."""
         topology = FIVE if topology is None else topology
         listeners = {name: _listen() for name in topology}
+        herd_listeners = {name: _listen() for name in topology if name not in foreign}
         http_ports = dict(zip(topology, free_ports(len(topology)), strict=True)) if http else {}
         servers = {}
         for name, neighbors in topology.items():
             port = listeners[name].getsockname()[1]
+            herd_port = herd_listeners[name].getsockname()[1] if name in herd_listeners else 0
             links = set(neighbors) | {other for other, theirs in topology.items() if name in theirs}
-            servers[name] = ServerConfig(name, "127.0.0.1", port, tuple(sorted(links)), http_ports.get(name, 0))
+            servers[name] = ServerConfig(
+                name, "127.0.0.1", port, tuple(sorted(links)), http_ports.get(name, 0), herd_port, name in foreign
+            )
         places = places or PlacesSettings(provider="google", base_url=fake_places.url, timeout=2.0)
         config = HerdConfig(
             path=str(tmp_path / "herd.ini"),
@@ -242,16 +257,20 @@ def make_herd(tmp_path: Path, fake_places: Any) -> Iterator[Callable[..., Herd]]
             fsync=fsync,
             peers=peers,
             places=places,
+            secret_file=str(tmp_path / secret_file) if secret_file else None,
         )
         factory = provider_factory or (lambda name: GoogleNewProvider(config.places, TEST_KEY))
         secrets = secret if isinstance(secret, dict) else {name: secret for name in topology} if secret else {}
         herd = Herd(config, factory, clock, secrets)
         herds.append(herd)
+        herd.herd_listeners = herd_listeners
         for name in topology:
-            if start:
-                herd.start(name, listeners[name])
+            if start and name not in foreign:
+                herd.start(name, listeners[name], herd_listeners.get(name))
             else:
                 listeners[name].close()
+                if name in herd_listeners and not start:
+                    herd_listeners[name].close()
         if start and wait_links:
             wait_until(herd.links_up, what="every neighbor link up")
         return herd

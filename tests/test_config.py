@@ -45,11 +45,11 @@ def test_repository_herd_ini() -> None:
     cfg = config.load(REPO / "herd.ini")
     assert cfg.path == str(REPO / "herd.ini")
     assert cfg.servers == {
-        "Alford": ServerConfig("Alford", "127.0.0.1", 12000, ("Hamilton", "Welsh"), 13000),
-        "Ball": ServerConfig("Ball", "127.0.0.1", 12001, ("Holiday", "Welsh"), 13001),
-        "Hamilton": ServerConfig("Hamilton", "127.0.0.1", 12002, ("Alford", "Holiday"), 13002),
-        "Holiday": ServerConfig("Holiday", "127.0.0.1", 12003, ("Ball", "Hamilton"), 13003),
-        "Welsh": ServerConfig("Welsh", "127.0.0.1", 12004, ("Alford", "Ball"), 13004),
+        "Alford": ServerConfig("Alford", "127.0.0.1", 12000, ("Hamilton", "Welsh"), 13000, 14000),
+        "Ball": ServerConfig("Ball", "127.0.0.1", 12001, ("Holiday", "Welsh"), 13001, 14001),
+        "Hamilton": ServerConfig("Hamilton", "127.0.0.1", 12002, ("Alford", "Holiday"), 13002, 14002),
+        "Holiday": ServerConfig("Holiday", "127.0.0.1", 12003, ("Ball", "Hamilton"), 13003, 14003),
+        "Welsh": ServerConfig("Welsh", "127.0.0.1", 12004, ("Alford", "Ball"), 13004, 14004),
     }
     for name, server in cfg.servers.items():  # every link both ways
         for neighbor in server.neighbors:
@@ -93,8 +93,8 @@ port = 13001
 """
     cfg = config.load(write(tmp_path, text))
     assert cfg.servers == {
-        "A": ServerConfig("A", "127.0.0.1", 13000, ("B",), 14000),
-        "B": ServerConfig("B", "127.0.0.1", 13001, ("A",), 14001),
+        "A": ServerConfig("A", "127.0.0.1", 13000, ("B",), 14000, 15000),
+        "B": ServerConfig("B", "127.0.0.1", 13001, ("A",), 14001, 15001),
     }
     assert cfg.places == PlacesSettings(provider="offline", api_key_env="MY_KEY", base_url="", timeout=2.5)
     assert cfg.log_dir == str(tmp_path / "here")
@@ -264,7 +264,7 @@ def test_absolute_log_dir_is_kept(tmp_path: Path) -> None:
 
 def test_defaults_when_sections_are_missing(tmp_path: Path) -> None:
     cfg = config.load(write(tmp_path, "[server:Solo]\nport = 13000\n"))
-    assert cfg.servers == {"Solo": ServerConfig("Solo", "127.0.0.1", 13000, (), 14000)}
+    assert cfg.servers == {"Solo": ServerConfig("Solo", "127.0.0.1", 13000, (), 14000, 15000)}
     assert cfg.log_dir == str(tmp_path / "logs")
     assert cfg.places == PlacesSettings()
     assert cfg.limits == Limits()
@@ -355,8 +355,40 @@ def test_http_port_errors(tmp_path: Path, extra: str, problem: str) -> None:
 def test_http_port_default_past_65535_must_be_set(tmp_path: Path) -> None:
     path, message = error(tmp_path, TWO.replace("port = 13001", "port = 65000"))
     assert message == f"{path}: [server:B] http_port: the default (port + 1000) is past 65535: set it"
-    cfg = config.load(write(tmp_path, TWO.replace("port = 13001", "port = 65000") + "http_port = 0\n"))
+    cfg = config.load(write(tmp_path, TWO.replace("port = 13001", "port = 65000") + "http_port = 0\nherd_port = 1\n"))
     assert cfg.servers["B"].http_port == 0
+
+
+def test_herd_port_defaults_to_port_plus_2000_and_is_checked(tmp_path: Path) -> None:
+    cfg = config.load(write(tmp_path, TWO))
+    assert [(s.port, s.herd_port) for s in cfg.servers.values()] == [(13000, 15000), (13001, 15001)]
+    path, message = error(tmp_path, TWO.replace("port = 13001", "port = 64000") + "http_port = 0\n")
+    assert message == f"{path}: [server:B] herd_port: the default (port + 2000) is past 65535: set it"
+    path, message = error(tmp_path, TWO + "herd_port = 13000\n")
+    assert message == f"{path}: [server:B] herd_port: 127.0.0.1:13000 is already the client port of server A"
+    path, message = error(tmp_path, TWO + "herd_port = 14000\n")
+    assert message == f"{path}: [server:B] herd_port: 127.0.0.1:14000 is already the http_port of server A"
+
+
+def test_a_foreign_server_has_no_herd_port_and_links_to_its_client_port(tmp_path: Path) -> None:
+    cfg = config.load(write(tmp_path, TWO + "foreign = yes\n"))
+    other = cfg.servers["B"]
+    assert other.foreign and other.herd_port == 0 and other.link_port == 13001
+    assert cfg.servers["A"].link_port == 15000
+    path, message = error(tmp_path, TWO + "foreign = maybe\n")
+    assert message == f"{path}: [server:B] foreign: 'maybe' is not yes or no"
+    path, message = error(tmp_path, TWO + "foreign = yes\nherd_port = 9000\n")
+    assert message == f"{path}: [server:B] herd_port: a foreign server has no herd port (links use its port)"
+
+
+def test_the_secret_file_defaults_beside_the_state_files(tmp_path: Path) -> None:
+    cfg = config.load(write(tmp_path, TWO))
+    assert cfg.secret_file == str(tmp_path / "state" / "herd.secret")
+    cfg = config.load(write(tmp_path, TWO.replace("[herd]\n", "[herd]\nstate_dir = -\n")))
+    assert cfg.secret_file == str(tmp_path / "herd.secret")
+    cfg = config.load(write(tmp_path, TWO.replace("[herd]\n", "[herd]\nsecret_file = keys/s\n")))
+    assert cfg.secret_file == str(tmp_path / "keys" / "s")
+    assert config.load(write(tmp_path, TWO.replace("[herd]\n", "[herd]\nsecret_file = -\n"))).secret_file is None
 
 
 def test_http_port_may_repeat_on_other_hosts(tmp_path: Path) -> None:

@@ -11,14 +11,12 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import gevent
 import pytest
 
 from herdserver.config import Limits, PeerSettings
 from herdserver.core import handshake, limits
-from herdserver.core.status import PeerKind
 
 from .conftest import FAST_PEERS, Herd, LineClient, iamat, replace, wait_until
 from .test_cli import ROOT, accepting, free_ports
@@ -56,7 +54,7 @@ def test_a_time_far_in_the_future_cannot_pin_a_client(make_herd: Callable[..., H
 
 
 def test_an_at_line_from_a_neighbor_beyond_the_skew_is_dropped_not_forwarded(make_herd: Callable[..., Herd]) -> None:
-    herd = make_herd({"Alford": ["Ball"], "Ball": []})
+    herd = make_herd({"Alford": ["Ball"], "Ball": []}, peers=replace(FAST_PEERS, trusted=("127.0.0.1",)))
     client = herd.client("Alford")
     future = b"AT Alford +0.000000000 victim +1+1 " + now_s(+3600)
     client.send(future + b"\n" + b"AT Alford +0.000000000 marker +1+1 " + now_s() + b"\n")
@@ -87,34 +85,6 @@ def test_with_a_secret_a_plain_client_cannot_inject_but_the_herd_floods(make_her
     assert "s3cret" not in text and "event=peer_authenticated" in text
 
 
-def test_a_herd_neighbor_slow_to_answer_a_hello_is_not_taken_for_a_foreign_one(
-    make_herd: Callable[..., Herd], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Under load a hello's answer can come after connect_timeout. A neighbor that has
-    answered as a herdserver before is then retried, not downgraded to foreign: as a
-    foreign peer it would get plain AT lines, which it refuses without our proof."""
-    herd = make_herd({"Alford": ["Ball"], "Ball": []}, secret="s3cret")
-    link = herd.servers["Alford"].links["Ball"]
-    wait_until(lambda: link.kind is PeerKind.HERDSERVER and not link.connected, what="a first, answered hello")
-    responder = herd.servers["Ball"].responder
-    answer_hello = responder._hello
-    late = [FAST_PEERS.connect_timeout + 0.5]
-
-    def slow_hello(*args: Any) -> bytes:
-        if late:
-            gevent.sleep(late.pop())
-        return answer_hello(*args)
-
-    monkeypatch.setattr(responder, "_hello", slow_hello)
-    at = herd.client("Alford").ask(iamat()).rstrip(b"\n")
-    wait_until(lambda: herd.holds("Ball", KIWI) == at, timeout=10, what="the record at Ball over a new link")
-    alford = herd.servers["Alford"]
-    alford.log.flush()
-    text = (Path(herd.config.log_dir) / "Alford.log").read_text()
-    assert link.kind is PeerKind.HERDSERVER and not late
-    assert "event=peer_foreign" not in text and "no answer to the hello" in text
-
-
 def test_servers_with_different_secrets_do_not_link(make_herd: Callable[..., Herd]) -> None:
     herd = make_herd({"Alford": ["Ball"], "Ball": []}, secret={"Alford": "one", "Ball": "two"}, wait_links=False)
     herd.client("Alford").ask(iamat())
@@ -134,12 +104,26 @@ def test_rotation_old_and_new_secrets_overlap(make_herd: Callable[..., Herd]) ->
     wait_until(lambda: herd.holds("Alford", b"other") == at, what="Ball's record at Alford")
 
 
-def test_without_a_secret_only_herd_addresses_may_send_at(make_herd: Callable[..., Herd]) -> None:
-    herd = make_herd({"Alford": []})
+@pytest.mark.parametrize("secret_file", ["herd.secret", None])
+def test_the_client_port_takes_at_lines_only_from_foreign_or_trusted_addresses(
+    make_herd: Callable[..., Herd], secret_file: str | None
+) -> None:
+    """The herd's own address is no longer enough (on one host it is every process),
+    with the default secret file and even with links opted out of authentication."""
+    herd = make_herd({"Alford": ["Ball"], "Ball": []}, secret_file=secret_file)
     line = b"AT Alford +0.000000000 kiwi +1+1 " + now_s()
-    assert client_from(herd, "Alford", "127.0.0.2").ask(line) == b"? " + line + b"\n"
-    herd.client("Alford").send(line + b"\n")  # 127.0.0.1: the herd's own address
-    wait_until(lambda: herd.holds("Alford", b"kiwi"), what="the AT line from a herd address")
+    for source in ("127.0.0.1", "127.0.0.2"):
+        assert client_from(herd, "Alford", source).ask(line) == b"? " + line + b"\n"
+    for word in (b"HELLO herdserver/2 Ball Alford b n", b"AUTH x", b"SYNC ASK 0", b"BYE"):
+        assert herd.client("Alford").ask(word) == b"? " + word + b"\n"
+    assert herd.holds("Alford", b"kiwi") is None
+
+
+def test_a_foreign_neighbor_may_send_at_lines_on_the_client_port(make_herd: Callable[..., Herd]) -> None:
+    herd = make_herd({"Alford": ["Other"], "Other": []}, foreign=("Other",), wait_links=False)
+    line = b"AT Alford +0.000000000 kiwi +1+1 " + now_s()
+    herd.client("Alford").send(line + b"\n")  # 127.0.0.1: Other's host
+    wait_until(lambda: herd.holds("Alford", b"kiwi") == line, what="the foreign neighbor's AT line")
 
 
 def test_trusted_foreign_peers_may_send_at_with_a_secret(make_herd: Callable[..., Herd]) -> None:
@@ -319,14 +303,14 @@ def test_a_deep_pipeline_shares_a_few_places_slots_and_still_gets_every_answer(
 def test_a_herd_host_that_resolves_only_later_is_trusted_once_it_does(
     make_herd: Callable[..., Herd], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Without a secret, herd addresses come from the host names; one that did not
-    resolve at start (a container started later) is looked up again before refusing."""
+    """A foreign neighbor's address comes from its host name; one that did not resolve
+    at start (a container started later) is looked up again before refusing."""
     from herdserver import server
     from herdserver.net import commands
 
     answers = [frozenset()]  # at start: nothing resolves
-    monkeypatch.setattr(server, "herd_addresses", lambda config: answers[0])
-    herd = make_herd({"Alford": []})
+    monkeypatch.setattr(server, "herd_addresses", lambda config, foreign_only=False: answers[0])
+    herd = make_herd({"Alford": ["Other"], "Other": []}, foreign=("Other",), wait_links=False)
     line = b"AT Alford +0.000000000 kiwi +1+1 " + now_s()
     monkeypatch.setattr(commands, "TRUST_REFRESH_SECONDS", 3600.0)
     assert herd.client("Alford").ask(line) == b"? " + line + b"\n"  # not resolvable, and not asked again yet

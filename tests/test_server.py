@@ -14,7 +14,7 @@ import pytest
 from herdserver.config import Limits, PlacesSettings
 from herdserver.places.google import GoogleNewProvider
 
-from .conftest import TEST_KEY, Herd, iamat, wait_until
+from .conftest import FAST_PEERS, TEST_KEY, Herd, iamat, replace, wait_until
 
 KIWI = b"kiwi.cs.ucla.edu"
 UCLA = b"+34.068930-118.445127"
@@ -267,8 +267,11 @@ def test_any_topology_works_from_config_alone(make_herd: Callable[..., Herd]) ->
     wait_until(lambda: herd.holds("S6", KIWI) == at, what="six hops")
 
 
+TRUSTED_LOCAL = replace(FAST_PEERS, trusted=("127.0.0.1",))  # AT lines on the client port, as a foreign peer's
+
+
 def test_invalid_at_from_a_peer_is_rejected_and_not_stored(make_herd: Callable[..., Herd]) -> None:
-    herd = make_herd({"Alford": []})
+    herd = make_herd({"Alford": []}, peers=TRUSTED_LOCAL)
     client = herd.client("Alford")
     assert client.ask(b"AT Alford +0.1 kiwi +91+0 1") == b"? AT Alford +0.1 kiwi +91+0 1\n"
     client.send(b"AT Alford +0.100000000 kiwi +10+10 5\n")
@@ -277,7 +280,7 @@ def test_invalid_at_from_a_peer_is_rejected_and_not_stored(make_herd: Callable[.
 
 
 def test_a_repeated_at_line_is_dropped_and_not_flooded_again(make_herd: Callable[..., Herd]) -> None:
-    herd = make_herd({"Alford": ["Ball"], "Ball": []})
+    herd = make_herd({"Alford": ["Ball"], "Ball": []}, peers=TRUSTED_LOCAL)
     alford, ball = herd.servers["Alford"], herd.servers["Ball"]
     client = herd.client("Alford")
     # A record naming Ball, sent to Alford: it reaches Ball too (the server named

@@ -30,6 +30,8 @@ class Outlet(Protocol):
 
     def offer(self, client: bytes, line: bytes) -> None: ...
 
+    def flush_now(self) -> None: ...
+
 
 class Replica:
     """One server's copy of the herd's records, and where each new one goes."""
@@ -65,3 +67,9 @@ class Replica:
             if outlet.name != source:
                 outlet.offer(client, line)
         return True
+
+    def flush_outlets(self) -> None:
+        """Hand what was offered to every outlet's socket now: called before a reply
+        acknowledges it, so the flood leaves before the client hears back."""
+        for outlet in self.outlets:
+            outlet.flush_now()

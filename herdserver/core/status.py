@@ -39,6 +39,7 @@ class LinkState:
     syncs: int
     full_pushes: int
     queued: int  # records waiting in the outbox
+    auth_failures: int = 0  # handshakes on this link that failed the proof
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -54,6 +55,7 @@ class LinkState:
             "syncs": self.syncs,
             "full_pushes": self.full_pushes,
             "queued": self.queued,
+            "auth_failures": self.auth_failures,
         }
 
 

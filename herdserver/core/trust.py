@@ -1,15 +1,10 @@
-"""Who may send AT lines. Pure: no sockets.
+"""Who may send AT lines on a client port. Pure: no sockets.
 
-With a shared secret (``[herd] secret_env`` names the variable; several
-secrets, comma-separated, are all accepted and the first is used, so a key is
-rotated with no downtime), every link opens with a handshake in which each end
-proves it holds a secret without sending it: an HMAC-SHA256 over both names and
-two fresh nonces, one chosen by each end, so a proof cannot be replayed on
-another connection or in the other direction. AT lines are then accepted only
-on links that proved it, and from the addresses listed in ``[peers] trusted``
-(foreign implementations, which cannot). Without a secret, AT lines are
-accepted from the addresses of the servers in herd.ini (and the trusted list)
-only: on one shared host that is every local process.
+The client port is for clients. Herdserver neighbors send their AT lines over their
+links to the herd port, after proving the herd's secret (``handshake.py``); on a
+client port, AT lines are accepted only from neighbors configured as another
+implementation (``[server:X] foreign = yes``: their host's addresses) and from the
+addresses in ``[peers] trusted``. From anyone else they get ``? ``.
 """
 
 from __future__ import annotations
@@ -33,17 +28,10 @@ def canonical_ip(address: str) -> str:
 class Trust:
     """The policy for AT lines arriving on client connections."""
 
-    secrets: tuple[bytes, ...]
-    herd_ips: frozenset[str]  # addresses of the servers in herd.ini
-    trusted_ips: frozenset[str]  # [peers] trusted: foreign peers
-
-    @property
-    def authenticated(self) -> bool:
-        return bool(self.secrets)
+    foreign_ips: frozenset[str]  # addresses of the servers herd.ini marks foreign = yes
+    trusted_ips: frozenset[str]  # [peers] trusted
 
     def allows_by_address(self, ip: str) -> bool:
-        """May a connection from ``ip`` send AT lines before (or without) a handshake?"""
+        """May a connection from ``ip`` send AT lines on a client port?"""
         ip = canonical_ip(ip)
-        if ip in self.trusted_ips:
-            return True
-        return not self.secrets and ip in self.herd_ips
+        return ip in self.trusted_ips or ip in self.foreign_ips

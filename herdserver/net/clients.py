@@ -40,7 +40,6 @@ REPLY_BUFFER_BYTES = 65536  # replies held for one connection before writing
 UNREAD_BOUND = 64 << 10
 DRAIN_POLL_SECONDS = 0.01
 SWEEP_SECONDS = 1.0  # how often the sweeper looks for clients past their deadlines
-PEER_LINE_BYTES = 1 << 16  # a neighbor's sync lines may be longer than a client's limit
 # The kernel's buffers per client, fixed (no autotuning up to tens of megabytes):
 # with REPLY_BUFFER_BYTES they bound what a client that reads nothing can leave
 # queued, and what a client that pipelines without end can have waiting unread.
@@ -70,8 +69,7 @@ class Connection:
     Parked: ``watcher`` (and ``timer`` with an idle timeout) wait for bytes.
     Served: ``greenlet`` runs the handler; ``waiting`` while it waits in recv,
     ``active`` once it got bytes since the sweeper last looked. The splitter
-    (with any half-received line) survives parking. ``neighbor`` names the
-    herd neighbor once the connection said HELLO.
+    (with any half-received line) survives parking.
     """
 
     id: int
@@ -87,14 +85,7 @@ class Connection:
     last_command: float = 0.0  # time.monotonic() of the last complete command (idle timeout)
     line_started: float | None = None  # when the unfinished line's first byte came (line timeout)
     ip: str = ""
-    may_send_at: bool = False  # by address (trusted, or the herd's without a secret) or by AUTH
-    neighbor: str | None = None
-    nonces: tuple[bytes, bytes, bytes] | None = None  # the hello's, until AUTH
-
-    def peer_hello(self) -> None:
-        """A neighbor's connection: its sync lines may be longer than a client's."""
-        if self.splitter is not None:
-            self.splitter.limit = max(self.splitter.limit, PEER_LINE_BYTES)
+    may_send_at: bool = False  # a foreign neighbor's address, or one in [peers] trusted
 
 
 class ClientPort:

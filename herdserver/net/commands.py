@@ -24,7 +24,6 @@ from ..core.stats import Stats, command_word
 from ..core.trust import Trust
 from ..logs import EventLog
 from ..statefile import StateFile
-from .responder import Responder
 from .whatsat import WhatsatLanes
 
 TRUST_REFRESH_SECONDS = 5.0  # herd host names looked up again at most this often (_trusted_after_refresh)
@@ -39,7 +38,6 @@ class Sender(Protocol):
     peer: str
     ip: str
     may_send_at: bool
-    neighbor: str | None
 
 
 class Commands:
@@ -68,7 +66,6 @@ class Commands:
         self.refresh_trust = refresh_trust
         self._trust_checked = time.monotonic()
         self.clock = clock
-        self.herd_words: Responder | None = None  # HELLO, AUTH, SYNC, BYE
         self.digests = Event()  # set once the store's digests are complete (sync waits for it)
         if self.store.digests_ready:
             self.digests.set()
@@ -100,10 +97,8 @@ class Commands:
             self.stats.at_bytes_in += len(item) + 1
             if self._duplicate(fields, conn):
                 return None
-        elif self.herd_words is not None and word in self.herd_words.WORDS:
-            return self.herd_words.answer(fields, item, conn)
         started = time.perf_counter()
-        reply = self._command(item, fields, conn.neighbor, deep)
+        reply = self._command(item, fields, None, deep)
         if word in (b"IAMAT", b"AT") and not (reply and reply[:1] == b"?"):
             self.stats.durations[command_word(word)].observe(time.perf_counter() - started)
         return reply
@@ -125,7 +120,7 @@ class Commands:
             self.log.warning("at_refused", conn=conn.id, peer=conn.peer, refused_so_far=self.stats.at_refused)
         return protocol.format_invalid(item.strip())
 
-    def _duplicate(self, fields: list[bytes], conn: Sender) -> bool:
+    def _duplicate(self, fields: list[bytes], conn: Sender | None) -> bool:
         """Flooding can bring an AT line to a server twice; the second copy is
         byte-identical to what it holds, so it is dropped without a parse."""
         echo = protocol.at_identity(fields)
@@ -134,15 +129,15 @@ class Commands:
         self.stats.at_received += 1
         self.stats.at_duplicate += 1
         if self.log.level <= logging.DEBUG:  # no kwargs dict on the hot path at INFO
-            self.log.debug("at_dropped", conn=conn.id, client=echo[0])
+            self.log.debug("at_dropped", conn=conn.id if conn else "-", client=echo[0])
         return True
 
     def _trusted_after_refresh(self, conn: Sender) -> bool:
-        """Without a secret, a herd address is trusted by what its host name resolves to,
-        and a name may resolve only later (a container that started after us): look the
-        herd's names up again, at most every TRUST_REFRESH_SECONDS, before refusing.
+        """A foreign neighbor is trusted by what its host name resolves to, and a name may
+        resolve only later (a container that started after us): look the names up again,
+        at most every TRUST_REFRESH_SECONDS, before refusing.
         (In the handler's greenlet: the lookup may wait, the event loop does not.)"""
-        if self.refresh_trust is None or self.trust.authenticated:
+        if self.refresh_trust is None:
             return False
         now = time.monotonic()
         if now - self._trust_checked < TRUST_REFRESH_SECONDS:
@@ -179,12 +174,28 @@ class Commands:
             self.log.debug("at_dropped", client=msg.client)
         return None
 
+    def take_line(self, item: bytes, fields: list[bytes], source: str) -> bool:
+        """An AT line from a proven neighbor's link (``source``): True if stored."""
+        self.stats.at_bytes_in += len(item) + 1
+        stored_before = self.stats.at_stored
+        if self._duplicate(fields, None):
+            return False
+        started = time.perf_counter()
+        msg = protocol.parse_fields(fields, item)
+        if not isinstance(msg, At):
+            self.invalid("AT", item, getattr(msg, "reason", "not an AT line"), neighbor=source)
+            return False
+        self.receive_at(msg, item, source)
+        self.stats.durations["AT"].observe(time.perf_counter() - started)
+        return self.stats.at_stored > stored_before
+
     def persist(self) -> None:
         """Hand what this batch stored to the OS (and, with fsync = always, to the
-        disk): called before any reply that acknowledges it."""
+        disk), then to every live link: called before any reply that acknowledges it."""
         if self.journal is not None:
             self.journal.flush()
             self.journal.commit()
+        self.replica.flush_outlets()
 
     # -- WHATSAT ---------------------------------------------------------------------
 
