@@ -18,7 +18,7 @@ import gevent  # noqa: E402
 import gevent.event  # noqa: E402
 
 from bench.harness import KEY  # noqa: E402
-from tests.fake_places import FakePlaces, Request, _Reply  # noqa: E402
+from tests.fake_places import FakePlaces, Reply, Request  # noqa: E402
 
 MEMO_LIMIT = 10_000  # distinct requests remembered (the bench asks far fewer)
 
@@ -34,16 +34,16 @@ class MemoFakePlaces(FakePlaces):
 
     def __init__(self, **kwargs: object) -> None:
         super().__init__(**kwargs)  # type: ignore[arg-type]
-        self.memo: dict[tuple[object, ...], _Reply] = {}
+        self.memo: dict[tuple[object, ...], Reply] = {}
 
-    def _remembered(self, key: tuple[object, ...], answer: _Reply) -> _Reply:
+    def _remembered(self, key: tuple[object, ...], answer: Reply) -> Reply:
         if answer.status == 200 and len(self.memo) < MEMO_LIMIT:
             self.memo[key] = answer
         return answer
 
-    def _search_nearby(self, request: Request) -> _Reply:
+    def search_nearby(self, request: Request) -> Reply:
         key = ("new", request.body, request.headers.get("x-goog-api-key"), request.headers.get("x-goog-fieldmask"))
-        return self.memo.get(key) or self._remembered(key, super()._search_nearby(request))
+        return self.memo.get(key) or self._remembered(key, super().search_nearby(request))
 
 
 def main() -> int:

@@ -287,14 +287,16 @@ class Request:
 
 
 @dataclass
-class _Reply:
+class Reply:
+    """One HTTP answer of the fake (public: bench/places_server.py keeps them in its memo)."""
+
     status: int
     body: bytes
     content_type: str = "application/json; charset=UTF-8"
     payload: Any = None
 
     @classmethod
-    def json(cls, status: int, payload: Any) -> _Reply:
+    def json(cls, status: int, payload: Any) -> Reply:
         return cls(status, json.dumps(payload, indent=2).encode(), payload=payload)
 
 
@@ -304,12 +306,12 @@ _GRPC_STATUS = {400: "INVALID_ARGUMENT", 403: "PERMISSION_DENIED", 404: "NOT_FOU
                 500: "INTERNAL", 503: "UNAVAILABLE"}
 
 
-def google_error(code: int, message: str, *details: Json) -> _Reply:
+def google_error(code: int, message: str, *details: Json) -> Reply:
     """Google's JSON error envelope (AIP-193), as places.googleapis.com sends it."""
     error: Json = {"code": code, "message": message, "status": _GRPC_STATUS[code]}
     if details:
         error["details"] = list(details)
-    return _Reply.json(code, {"error": error})
+    return Reply.json(code, {"error": error})
 
 
 def _error_info(reason: str, **metadata: str) -> Json:
@@ -328,16 +330,16 @@ def _bad_request(field_name: str, description: str) -> Json:
     }
 
 
-def _html_error(status: int) -> _Reply:
+def _html_error(status: int) -> Reply:
     """What Google's front end sends for an HTTP-level failure: a page, not JSON."""
     reason = _REASONS.get(status, "Error")
     page = (f"<!DOCTYPE html>\n<html lang=en><title>Error {status} ({reason})!!1</title>\n"
             f"<p><b>{status}.</b> <ins>That's an error.</ins>\n<p>Please try again later.</p></html>\n")
-    return _Reply(status, page.encode(), "text/html; charset=UTF-8")
+    return Reply(status, page.encode(), "text/html; charset=UTF-8")
 
 
 def _legacy(status: str, results: list[Json] | None = None, error_message: str | None = None,
-            next_page_token: str | None = None) -> _Reply:
+            next_page_token: str | None = None) -> Reply:
     payload: Json = {"html_attributions": []}
     if next_page_token:
         payload["next_page_token"] = next_page_token
@@ -345,7 +347,7 @@ def _legacy(status: str, results: list[Json] | None = None, error_message: str |
     payload["status"] = status
     if error_message is not None:
         payload["error_message"] = error_message
-    return _Reply.json(200, payload)
+    return Reply.json(200, payload)
 
 
 class _Invalid(Exception):
@@ -477,7 +479,7 @@ class FakePlaces:
         self.requests.append(request)
         return request
 
-    def _answer(self, request: Request) -> _Reply:
+    def _answer(self, request: Request) -> Reply:
         new_api = request.path == NEW_PATH
         legacy_api = request.path == LEGACY_PATH
         if not (new_api and request.method == "POST") and not (legacy_api and request.method == "GET"):
@@ -489,11 +491,11 @@ class FakePlaces:
             gevent.sleep(self.latency)
         if self.fail is not None:
             return self._failure(self.fail, new_api)
-        return self._search_nearby(request) if new_api else self._nearby_legacy(request)
+        return self.search_nearby(request) if new_api else self._nearby_legacy(request)
 
-    def _failure(self, mode: str, new_api: bool) -> _Reply:
+    def _failure(self, mode: str, new_api: bool) -> Reply:
         if mode == "badjson":
-            return _Reply(200, b'{\n  "places": [\n    {\n      "id": "ChIJ' if new_api else b'{"results": [{')
+            return Reply(200, b'{\n  "places": [\n    {\n      "id": "ChIJ' if new_api else b'{"results": [{')
         if mode in ("http500", "http429"):
             code = 500 if mode == "http500" else 429
             if not new_api:
@@ -523,7 +525,9 @@ class FakePlaces:
 
     # ------------------------------------------------------------ Places API (New)
 
-    def _search_nearby(self, request: Request) -> _Reply:
+    def search_nearby(self, request: Request) -> Reply:
+        """The answer to one Nearby Search (New) request, after latency and failure modes; public
+        so a subclass may wrap it (bench/places_server.py answers repeated searches from memory)."""
         key = request.headers.get("x-goog-api-key") or request.query.get("key")
         if not key:
             return google_error(
@@ -562,11 +566,11 @@ class FakePlaces:
             found.sort(key=lambda p: (-p.get("userRatingCount", 0), self._distance(p, lat, lon)))
         places = [_project(p, tree) for p in found[:count]]
         # proto3 JSON leaves out an empty repeated field: "nothing found" is {}.
-        return _Reply.json(200, {"places": places} if places else {})
+        return Reply.json(200, {"places": places} if places else {})
 
     # ------------------------------------------------------------ legacy Nearby Search
 
-    def _nearby_legacy(self, request: Request) -> _Reply:
+    def _nearby_legacy(self, request: Request) -> Reply:
         query = request.query
         if not query.get("key"):
             return _legacy(
@@ -601,7 +605,7 @@ class FakePlaces:
             return _legacy("ZERO_RESULTS")
         return self._legacy_page(found[:60])  # at most 60 results over 3 pages
 
-    def _legacy_page(self, found: list[Json]) -> _Reply:
+    def _legacy_page(self, found: list[Json]) -> Reply:
         page, rest = found[:20], found[20:]
         token = None
         if rest:
