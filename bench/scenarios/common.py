@@ -35,8 +35,8 @@ class Settings:
     iamat_runs: int = 5  # the CPU ratios compare separate measurements: more runs, steadier medians
     slow_updates: int = 60_000  # ~40,000 AT lines fit in loopback buffers before a forwarder blocks
     slow_clients: int = 1_000
-    offline_queries: int | None = None  # None: bench_offline's own defaults
-    offline_linear_queries: int | None = None
+    offline_queries: int = 2_000  # per mix and radius, on the strip index and the lat band
+    offline_linear_queries: int = 50  # the linear scan costs ~100 ms a query
     startup_runs: int = 5  # the start-up targets are medians of 5 starts
 
 
