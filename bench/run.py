@@ -41,8 +41,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--only", nargs="+", choices=list(SCENARIOS), metavar="SCENARIO",
                         help=f"run only these ({', '.join(SCENARIOS)})")
     parser.add_argument("--compare", metavar="REV",
-                        help="the git revision the compare scenario measures this code against (default: 70174fa, "
-                             "the last with persistent links); alone, it runs only that scenario")
+                        help="the git revision the compare scenario measures this working tree against, side by "
+                             "side (default: HEAD~1; HEAD: uncommitted changes; 70174fa: the last with persistent "
+                             "links); alone, it runs only that scenario")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (herd files, server logs)")
     return parser.parse_args(argv)
 
