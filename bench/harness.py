@@ -12,6 +12,7 @@ import atexit
 import ctypes
 import json
 import os
+import random
 import select
 import signal
 import socket
@@ -64,6 +65,38 @@ def free_ports(count: int) -> list[int]:
             sock.close()
 
 
+def block_free(first: int, count: int, offsets: Iterable[int]) -> bool:
+    """Whether ``first + i + offset`` binds on loopback for every i < count and offset."""
+    socks = []
+    try:
+        for offset in offsets:
+            for i in range(count):
+                sock = socket.socket()
+                socks.append(sock)
+                sock.bind((HOST, first + i + offset))
+        return True
+    except OSError:
+        return False
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+def port_block(count: int, offsets: tuple[int, ...] = (0,), low: int = 20_000, high: int = 30_000,
+               attempts: int = 50) -> int:
+    """The first of ``count`` consecutive free loopback ports whose shifts by each of
+    ``offsets`` are free too (a herd's client ports, HTTP ports at +1000, a range kept
+    clear at +2000). Below the kernel's ephemeral range (32768 up by default), so no
+    outgoing connection takes one meanwhile; bound and released, like ``free_ports``."""
+    rng = random.Random()
+    span = count + max(offsets)
+    for _ in range(attempts):
+        first = rng.randrange(low, high - span)
+        if block_free(first, count, offsets):
+            return first
+    raise BenchError(f"no block of {count} free ports (offsets {offsets}) in {low}-{high} after {attempts} tries")
+
+
 def port_open(port: int) -> bool:
     try:
         with socket.create_connection((HOST, port), timeout=0.5):
@@ -114,6 +147,54 @@ def quiet_cpu(pids: list[int]) -> float:
 
 def stable_rss_kb(pid: int) -> int:
     return int(settled(lambda: rss_kb(pid), quiet=0.2, deadline_s=5.0, tolerance=64))
+
+
+TCP_ESTABLISHED = "01"
+TCP_LISTEN = "0A"
+
+
+@dataclass(frozen=True)
+class TcpRow:
+    """One IPv4 socket of /proc/net/tcp (this network namespace's, whoever owns it)."""
+
+    local_port: int
+    remote_port: int
+    state: str  # hex, as the kernel writes it: 01 ESTABLISHED, 06 TIME_WAIT, 0A LISTEN ...
+    inode: int  # 0 once no process holds it (TIME_WAIT)
+
+
+def tcp_table() -> list[TcpRow]:
+    """Every loopback (127.0.0.1) socket of /proc/net/tcp."""
+    rows = []
+    with open("/proc/net/tcp") as table:
+        next(table)
+        for line in table:
+            fields = line.split()
+            local, remote = fields[1].split(":"), fields[2].split(":")
+            if local[0] == "0100007F":  # 127.0.0.1, little-endian hex
+                rows.append(TcpRow(int(local[1], 16), int(remote[1], 16), fields[3], int(fields[9])))
+    return rows
+
+
+def socket_inodes(pids: Iterable[int]) -> set[int]:
+    """The inodes of the sockets the processes hold (``socket:[N]`` links in /proc/PID/fd)."""
+    inodes = set()
+    for pid in pids:
+        fd_dir = f"/proc/{pid}/fd"
+        for fd in os.listdir(fd_dir):
+            try:
+                target = os.readlink(f"{fd_dir}/{fd}")
+            except OSError:
+                continue  # closed between the listing and the readlink
+            if target.startswith("socket:["):
+                inodes.add(int(target[8:-1]))
+    return inodes
+
+
+def listening_ports(pids: Iterable[int]) -> set[int]:
+    """The loopback ports the processes listen on, found by socket inode (no config read)."""
+    mine = socket_inodes(pids)
+    return {row.local_port for row in tcp_table() if row.state == TCP_LISTEN and row.inode in mine}
 
 
 def tcp_queues(remote_port: int) -> list[tuple[int, int]]:
@@ -382,9 +463,10 @@ class Lab:
             for server, child in herd.children.items():
                 wait_for_port(child, herd.ports[server], timeout)
 
-    def stop_servers(self, herd: Herd) -> None:
-        """Graceful stop (SIGTERM) so every log is flushed before it is read."""
-        PROCESSES.stop(list(herd.children.values()))
+    def stop_servers(self, herd: Herd, timeout: float = STOP_TIMEOUT) -> None:
+        """Graceful stop (SIGTERM) so every log is flushed before it is read; SIGKILL for
+        any server still there ``timeout`` seconds later (a big herd needs more)."""
+        PROCESSES.stop(list(herd.children.values()), timeout)
 
     def echo(self) -> tuple[Child, int]:
         [port] = free_ports(1)

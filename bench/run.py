@@ -17,7 +17,7 @@ import signal
 import sys
 import tempfile
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +44,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="the git revision the compare scenario measures this working tree against, side by "
                              "side (default: HEAD~1; HEAD: uncommitted changes; 70174fa: the last with persistent "
                              "links); alone, it runs only that scenario")
+    parser.add_argument("--herd-sizes", nargs="+", type=int, metavar="N",
+                        help="the herd scenario's herd sizes (default: 50 100; --quick: 20)")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (herd files, server logs)")
     return parser.parse_args(argv)
 
@@ -72,6 +74,8 @@ def write_json(path: Path, document: dict[str, Any]) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     settings = QUICK if args.quick else FULL
+    if args.herd_sizes:
+        settings = replace(settings, herd_sizes=tuple(args.herd_sizes))
     machine = report.machine()
     report.print_header(machine, "quick" if args.quick else "full")
     document: dict[str, Any] = {"machine": machine, "mode": "quick" if args.quick else "full",

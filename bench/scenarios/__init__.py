@@ -10,6 +10,7 @@ from bench.scenarios import (
     compare,
     connections,
     durability,
+    herd,
     iamat,
     metrics,
     offline,
@@ -36,4 +37,5 @@ SCENARIOS: dict[str, Callable[[Context], Section]] = {
     "reconcile": reconcile.run,
     "state-load": state_load.run,
     "attack": attack.run,
+    "herd": herd.run,
 }
