@@ -27,6 +27,10 @@ quiet again:
     that client in its log (UTC stamps in microseconds, the same machine clock; read after
     a graceful stop flushed the logs). p50/p99 over updates.
 
+With ``--compare REV`` (and ``--only herd``) each size runs on REV's code too, first, from a
+``git worktree`` checkout (a revision that knows ``state_dir`` and ``http_port``), and this
+tree's rows carry the base's figures as their baselines: side by side in one run.
+
 No targets yet: these are the figures the herd-port work is to move.
 """
 
@@ -42,11 +46,15 @@ import urllib.error
 import urllib.request
 from collections import deque
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from bench.harness import (
     HOST,
+    ROOT,
+    TCP_LISTEN,
     BenchError,
+    Checkout,
     Herd,
     Lab,
     cpu_seconds,
@@ -75,7 +83,16 @@ QUIET_S = 0.5  # CPU readings this far apart ...
 QUIET_DEADLINE_S = 60.0  # ... until the herd is quiet, or this long
 STOP_S = 60.0  # graceful stop of N servers (their logs are flushed on the way out)
 IO_TIMEOUT = 5.0
-STARTUP_IDLE_RATE = 0.0005  # CPU s/s per server assumed idle while waiting out the start (no idle figure yet)
+STARTUP_IDLE_RATE = 0.003  # CPU s/s per idle server (0.2% of a core measured), to wait out the start-up syncs
+
+
+@dataclass(frozen=True)
+class Side:
+    """The code a herd runs: this working tree, or a base revision's checkout (``--compare REV``)."""
+
+    key: str
+    title: str
+    code: Path
 
 
 # -- the herd.ini ---------------------------------------------------------------------------------
@@ -146,16 +163,19 @@ class ConnectionWatch:
 
     def sample(self) -> None:
         for row in tcp_table():
+            if row.state == TCP_LISTEN:
+                continue
             if row.local_port in self.server_ports:
                 pair = (row.local_port, row.remote_port)
-                if row.inode:  # the accepting server's socket, while it holds it
-                    self.held.add((*pair, row.inode))
             elif row.remote_port in self.server_ports:
                 pair = (row.remote_port, row.local_port)  # the connecting side (TIME_WAIT when it closed first)
             else:
                 continue
-            if pair[1] not in self.ours:
-                self.pairs.add(pair)
+            if pair[1] in self.ours:
+                continue
+            self.pairs.add(pair)
+            if row.inode and pair[0] == row.local_port:  # the accepting server's socket, while it holds it
+                self.held.add((*pair, row.inode))
 
     def total(self) -> int:
         """Distinct connections: each held socket, and each pair never seen held (it came and
@@ -222,14 +242,15 @@ def link_connections(herd: Herd) -> float | None:
 # -- phases ------------------------------------------------------------------------------------------
 
 
-def start_herd(lab: Lab, n: int, ctx: Context) -> tuple[Herd, int]:
+def start_herd(lab: Lab, n: int, side: Side) -> tuple[Herd, int]:
     links, hops = topology(n, SEED)
     first = port_block(n, (0, HTTP_OFFSET, RESERVED_OFFSET))
     ports = {server: first + i for i, server in enumerate(links)}
     http_ports = {server: port + HTTP_OFFSET for server, port in ports.items()}
-    herd = lab.herd(f"herd{n}", links, herd_keys={"state_dir": "-"}, places_keys=OFFLINE, ports=ports,
+    herd = lab.herd(f"{side.key}{n}", links, herd_keys={"state_dir": "-"}, places_keys=OFFLINE, ports=ports,
                     http_ports=http_ports)
-    lab.start_servers(herd, list(links), env={"HERDSERVER_CACHE_DIR": str(lab.dir / "cache")}, timeout=START_S)
+    lab.start_servers(herd, list(links), code=side.code, env={"HERDSERVER_CACHE_DIR": str(lab.dir / "cache")},
+                      timeout=START_S)
     return herd, hops
 
 
@@ -316,9 +337,9 @@ def hold_times(herd: Herd, sends: list[dict[str, Any]], tag: str) -> tuple[list[
     return delays, incomplete
 
 
-def measure_size(lab: Lab, n: int, ctx: Context) -> dict[str, Any]:
+def measure_size(lab: Lab, n: int, ctx: Context, side: Side) -> dict[str, Any]:
     tag = f"herd{n}u"
-    herd, hops = start_herd(lab, n, ctx)
+    herd, hops = start_herd(lab, n, side)
     try:
         wait_ready(herd)
         watch = ConnectionWatch(server_ports(herd))
@@ -353,20 +374,31 @@ def figures(result: dict[str, Any]) -> dict[str, float | None]:
     }
 
 
-def rows(result: dict[str, Any]) -> list[Row]:
-    n, f = result["n"], figures(result)
-    links = result["links"]
-    return [
-        Row(f"N={n}: TCP connections opened per update (/proc)", f["connections"], "conns", links,
-            "herd links"),
-        Row(f"N={n}: the same, herd_link_connections_total (/metrics)", f["metrics_connections"], "conns", links,
-            "herd links"),
-        Row(f"N={n}: herd CPU per update (all {n} servers)", f["cpu_ms"], "ms"),
-        Row(f"N={n}: IAMAT reply -> every server holds it p50", f["hold_p50"], "ms"),
-        Row(f"N={n}: IAMAT reply -> every server holds it p99", f["hold_p99"], "ms"),
-        Row(f"N={n}: idle herd CPU (all {n} servers)", f["idle_cpu_pct"], "% core"),
-        Row(f"N={n}: idle: connections opened per second", f["idle_connections"], "conns/s"),
-    ]
+FIGURES = (  # key, label ({n}: the size), unit
+    ("connections", "TCP connections opened per update (/proc)", "conns"),
+    ("metrics_connections", "the same, herd_link_connections_total (/metrics)", "conns"),
+    ("cpu_ms", "herd CPU per update (all {n} servers)", "ms"),
+    ("hold_p50", "IAMAT reply -> every server holds it p50", "ms"),
+    ("hold_p99", "IAMAT reply -> every server holds it p99", "ms"),
+    ("idle_cpu_pct", "idle herd CPU (all {n} servers)", "% core"),
+    ("idle_connections", "idle: connections opened per second", "conns/s"),
+)
+
+
+def rows(result: dict[str, Any], base: dict[str, Any] | None, base_title: str, prefix: str) -> list[Row]:
+    """One row per figure; beside it the base revision's (when compared), else the link count
+    for the connection rows."""
+    n, mine = result["n"], figures(result)
+    theirs = figures(base) if base is not None else None
+    out = []
+    for key, label, unit in FIGURES:
+        row = Row(f"{prefix}N={n}: {label.format(n=n)}", mine[key], unit)
+        if theirs is not None:
+            row.baseline, row.baseline_label = theirs[key], base_title
+        elif key.endswith("connections") and key != "idle_connections":
+            row.baseline, row.baseline_label = result["links"], "herd links"
+        out.append(row)
+    return out
 
 
 def notes(result: dict[str, Any], ctx: Context) -> list[str]:
@@ -392,22 +424,39 @@ def build_cache(lab: Lab) -> None:
               env={"HERDSERVER_CACHE_DIR": str(lab.dir / "cache")})
 
 
+def measure_sides(lab: Lab, sides: list[Side], ctx: Context, section: Section) -> None:
+    """Each size on each side (base first, when there is one); the rows of this tree's, beside the base's."""
+    base_title = sides[-1].title if len(sides) > 1 else ""
+    prefix = "new, " if len(sides) > 1 else ""
+    for n in ctx.settings.herd_sizes:
+        results = {side.key: measure_size(lab, n, ctx, side) for side in reversed(sides)}
+        section.add(*rows(results["new"], results.get("base"), base_title, prefix))
+        for side in sides:
+            section.notes += [f"{side.title}, {note}" if len(sides) > 1 else note
+                              for note in notes(results[side.key], ctx)]
+            section.raw[f"{side.key}-n{n}"] = {**results[side.key], "figures": figures(results[side.key])}
+
+
 def run(ctx: Context) -> Section:
     section = Section("herd")
     lab = Lab(ctx.work_dir, "herd", ctx.places_url)
+    checkout: Checkout | None = None
     try:
         build_cache(lab)
-        for n in ctx.settings.herd_sizes:
-            result = measure_size(lab, n, ctx)
-            section.add(*rows(result))
-            section.notes += notes(result, ctx)
-            section.raw[f"n{n}"] = {**result, "figures": figures(result)}
+        sides = [Side("new", "this working tree", ROOT)]
+        if ctx.compare_rev:  # --compare REV --only herd: the base's herd beside this one's
+            checkout = Checkout(lab.dir, ctx.compare_rev)
+            sides.append(Side("base", f"base {checkout.commit}", checkout.path))
+        measure_sides(lab, sides, ctx, section)
     finally:
         lab.close()
+        if checkout is not None:
+            checkout.close()
     section.notes += [
         "connections: sockets in /proc/net/tcp with one end on a port a server listens on (by inode, HTTP ports "
         "excluded) and the other end not the bench's, sampled every 50 ms and at the end (a closed one stays in "
-        "TIME_WAIT for 60 s); per update = (seen - idle rate x phase time) / updates; baseline = the herd's links",
+        "TIME_WAIT for 60 s); per update = (seen - idle rate x phase time) / updates; baseline = the herd's links "
+        "(the base's figure with --compare)",
         "CPU: utime+stime of every server (/proc/PID/stat), update phase minus the idle rate over the same time; "
         "hold time: IAMAT reply (bench's wall clock) to the latest other server's first event=in AT line for that "
         "client in its log (microsecond UTC stamps, same clock)",
