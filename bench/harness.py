@@ -12,6 +12,7 @@ import atexit
 import ctypes
 import json
 import os
+import random
 import select
 import signal
 import socket
@@ -64,6 +65,38 @@ def free_ports(count: int) -> list[int]:
             sock.close()
 
 
+def block_free(first: int, count: int, offsets: Iterable[int]) -> bool:
+    """Whether ``first + i + offset`` binds on loopback for every i < count and offset."""
+    socks = []
+    try:
+        for offset in offsets:
+            for i in range(count):
+                sock = socket.socket()
+                socks.append(sock)
+                sock.bind((HOST, first + i + offset))
+        return True
+    except OSError:
+        return False
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+def port_block(count: int, offsets: tuple[int, ...] = (0,), low: int = 20_000, high: int = 30_000,
+               attempts: int = 50) -> int:
+    """The first of ``count`` consecutive free loopback ports whose shifts by each of
+    ``offsets`` are free too (a herd's client ports, HTTP ports at +1000, a range kept
+    clear at +2000). Below the kernel's ephemeral range (32768 up by default), so no
+    outgoing connection takes one meanwhile; bound and released, like ``free_ports``."""
+    rng = random.Random()
+    span = count + max(offsets)
+    for _ in range(attempts):
+        first = rng.randrange(low, high - span)
+        if block_free(first, count, offsets):
+            return first
+    raise BenchError(f"no block of {count} free ports (offsets {offsets}) in {low}-{high} after {attempts} tries")
+
+
 def port_open(port: int) -> bool:
     try:
         with socket.create_connection((HOST, port), timeout=0.5):
@@ -80,14 +113,18 @@ def rss_kb(pid: int) -> int:
     raise BenchError(f"no VmRSS for pid {pid}")
 
 
+def proc_times(pid: int) -> tuple[float, float]:
+    """(utime + stime, cutime + cstime) of one process in seconds: its own CPU, and its
+    waited-for children's (a server's cache builder, for instance)."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()  # the name may hold spaces and ")"
+    utime, stime, cutime, cstime = (int(value) for value in fields[11:15])  # fields 14-17 of proc(5)
+    return (utime + stime) / CLK_TCK, (cutime + cstime) / CLK_TCK
+
+
 def cpu_seconds(pids: Iterable[int]) -> float:
     """utime + stime of the processes, summed, in seconds."""
-    ticks = 0
-    for pid in pids:
-        with open(f"/proc/{pid}/stat") as stat:
-            fields = stat.read().rsplit(")", 1)[1].split()
-        ticks += int(fields[11]) + int(fields[12])  # fields 14 and 15 of proc(5)
-    return ticks / CLK_TCK
+    return sum(proc_times(pid)[0] for pid in pids)
 
 
 def settled(read: Callable[[], float], quiet: float, deadline_s: float, tolerance: float = 0.0) -> float:
@@ -110,6 +147,54 @@ def quiet_cpu(pids: list[int]) -> float:
 
 def stable_rss_kb(pid: int) -> int:
     return int(settled(lambda: rss_kb(pid), quiet=0.2, deadline_s=5.0, tolerance=64))
+
+
+TCP_ESTABLISHED = "01"
+TCP_LISTEN = "0A"
+
+
+@dataclass(frozen=True)
+class TcpRow:
+    """One IPv4 socket of /proc/net/tcp (this network namespace's, whoever owns it)."""
+
+    local_port: int
+    remote_port: int
+    state: str  # hex, as the kernel writes it: 01 ESTABLISHED, 06 TIME_WAIT, 0A LISTEN ...
+    inode: int  # 0 once no process holds it (TIME_WAIT)
+
+
+def tcp_table() -> list[TcpRow]:
+    """Every loopback (127.0.0.1) socket of /proc/net/tcp."""
+    rows = []
+    with open("/proc/net/tcp") as table:
+        next(table)
+        for line in table:
+            fields = line.split()
+            local, remote = fields[1].split(":"), fields[2].split(":")
+            if local[0] == "0100007F":  # 127.0.0.1, little-endian hex
+                rows.append(TcpRow(int(local[1], 16), int(remote[1], 16), fields[3], int(fields[9])))
+    return rows
+
+
+def socket_inodes(pids: Iterable[int]) -> set[int]:
+    """The inodes of the sockets the processes hold (``socket:[N]`` links in /proc/PID/fd)."""
+    inodes = set()
+    for pid in pids:
+        fd_dir = f"/proc/{pid}/fd"
+        for fd in os.listdir(fd_dir):
+            try:
+                target = os.readlink(f"{fd_dir}/{fd}")
+            except OSError:
+                continue  # closed between the listing and the readlink
+            if target.startswith("socket:["):
+                inodes.add(int(target[8:-1]))
+    return inodes
+
+
+def listening_ports(pids: Iterable[int]) -> set[int]:
+    """The loopback ports the processes listen on, found by socket inode (no config read)."""
+    mine = socket_inodes(pids)
+    return {row.local_port for row in tcp_table() if row.state == TCP_LISTEN and row.inode in mine}
 
 
 def tcp_queues(remote_port: int) -> list[tuple[int, int]]:
@@ -161,9 +246,10 @@ class ProcessSet:
         self.children: list[Child] = []
 
     def spawn(self, name: str, argv: list[str], log_path: Path, *, pipes: bool = False,
-              code: Path = ROOT) -> Child:
+              code: Path = ROOT, env: Mapping[str, str] | None = None) -> Child:
         """Start ``argv``; ``code`` is the checkout it runs from (cwd and PYTHONPATH, so
-        ``python -m herdserver`` imports that checkout's package: see ``Checkout``)."""
+        ``python -m herdserver`` imports that checkout's package: see ``Checkout``);
+        ``env`` adds variables (``HERDSERVER_CACHE_DIR``, for instance)."""
         with open(log_path, "ab") as log:  # the child keeps its own copy of the descriptor
             process = subprocess.Popen(
                 argv,
@@ -171,7 +257,7 @@ class ProcessSet:
                 stdin=subprocess.PIPE if pipes else subprocess.DEVNULL,
                 stdout=subprocess.PIPE if pipes else log,
                 stderr=log,
-                env={**os.environ, KEY_ENV: KEY, "PYTHONPATH": str(code)},
+                env={**os.environ, KEY_ENV: KEY, **(env or {}), "PYTHONPATH": str(code)},
                 start_new_session=True,  # Ctrl-C reaches the runner only; it stops the children
                 preexec_fn=_die_with_parent,
             )
@@ -204,14 +290,29 @@ PROCESSES = ProcessSet()
 atexit.register(PROCESSES.stop_all)
 
 
-def wait_for_port(child: Child, port: int, timeout: float = START_TIMEOUT) -> None:
+def wait_for_port(child: Child, port: int, timeout: float = START_TIMEOUT, poll: float = POLL) -> None:
+    """Until ``port`` accepts; ``poll`` is also the resolution of a start-up time measured so."""
     deadline = time.monotonic() + timeout
     while not port_open(port):
         if not child.alive():
             raise BenchError(f"{child.name} exited ({child.process.returncode}) before listening: {child.log_tail()}")
         if time.monotonic() > deadline:
             raise BenchError(f"{child.name} not listening on {port} after {timeout:g}s")
-        time.sleep(POLL)  # polling a port for readiness against a deadline
+        time.sleep(poll)  # polling a port for readiness against a deadline
+
+
+def timed_run(argv: list[str], code: Path = ROOT, env: Mapping[str, str] | None = None) -> tuple[float, float]:
+    """Run ``argv`` to its exit: (wall seconds from just before exec, its CPU seconds from wait4).
+    A short-lived child waited for at once, so not registered in ``PROCESSES``."""
+    started = time.perf_counter()
+    process = subprocess.Popen(argv, cwd=code, env={**os.environ, **(env or {}), "PYTHONPATH": str(code)},
+                               stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, preexec_fn=_die_with_parent)
+    _, status, usage = os.wait4(process.pid, 0)
+    wall = time.perf_counter() - started
+    process.returncode = os.waitstatus_to_exitcode(status)
+    if process.returncode:
+        raise BenchError(f"{argv} exited {process.returncode}")
+    return wall, usage.ru_utime + usage.ru_stime
 
 
 def read_line(child: Child, buffer: bytearray, timeout: float) -> bytes:
@@ -286,17 +387,16 @@ class Herd:
 
 def herd_ini(links: Mapping[str, list[str]], ports: Mapping[str, int], log_dir: Path, places_url: str,
              http_ports: Mapping[str, int] | None = None, herd_keys: Mapping[str, str] | None = None,
-             peer_keys: Mapping[str, str] | None = None) -> str:
+             peer_keys: Mapping[str, str] | None = None, places_keys: Mapping[str, str] | None = None) -> str:
     """A herd.ini; ``herd_keys`` and ``peer_keys`` add ``[herd]`` and ``[peers]`` keys (only
-    keys the code under test knows: an unknown key is an error to herdserver). ``http_ports``
-    None writes no ``http_port`` keys (code from before the HTTP side); else the servers
-    not in it get ``http_port = 0``."""
+    keys the code under test knows: an unknown key is an error to herdserver). ``places_keys``
+    replace the ``[places]`` section (default: the fake Places server at ``places_url``).
+    ``http_ports`` None writes no ``http_port`` keys (code from before the HTTP side); else
+    the servers not in it get ``http_port = 0``."""
     lines = ["[herd]", f"host = {HOST}", f"log_dir = {log_dir}"]
     lines += [f"{key} = {value}" for key, value in (herd_keys or {}).items()]
-    lines += [
-        "",
-        "[places]", "provider = google", f"api_key_env = {KEY_ENV}", f"base_url = {places_url}", "timeout = 5", "",
-    ]
+    places = places_keys or {"provider": "google", "api_key_env": KEY_ENV, "base_url": places_url, "timeout": "5"}
+    lines += ["", "[places]", *(f"{key} = {value}" for key, value in places.items()), ""]
     if peer_keys:
         lines += ["[peers]", *(f"{key} = {value}" for key, value in peer_keys.items()), ""]
     for name, neighbors in links.items():
@@ -320,21 +420,26 @@ class Lab:
         self.places_url = places_url
         self.children: list[Child] = []
 
-    def spawn(self, name: str, argv: list[str], *, pipes: bool = False, code: Path = ROOT) -> Child:
-        child = PROCESSES.spawn(name, argv, self.dir / f"{name}.out", pipes=pipes, code=code)
+    def spawn(self, name: str, argv: list[str], *, pipes: bool = False, code: Path = ROOT,
+              env: Mapping[str, str] | None = None) -> Child:
+        child = PROCESSES.spawn(name, argv, self.dir / f"{name}.out", pipes=pipes, code=code, env=env)
         self.children.append(child)
         return child
 
     def herd(self, name: str, links: Mapping[str, list[str]], listeners: Iterable[str] = (), *,
              http: bool = False, old_code: bool = False, herd_keys: Mapping[str, str] | None = None,
-             peer_keys: Mapping[str, str] | None = None) -> Herd:
+             peer_keys: Mapping[str, str] | None = None, places_keys: Mapping[str, str] | None = None,
+             ports: Mapping[str, int] | None = None, http_ports: Mapping[str, int] | None = None) -> Herd:
         """Write ``name``.ini for ``links`` (name -> neighbors) plus bench-owned ``listeners``;
         ``http``: the servers of ``links`` serve their HTTP side (metrics) too; ``old_code``:
-        for a checkout from before ``http_port`` existed (no such key written)."""
+        for a checkout from before ``http_port`` existed (no such key written). ``ports`` and
+        ``http_ports`` given: used as they are (``port_block``), else free ports are picked."""
         everyone = {**links, **{listener: [] for listener in listeners if listener not in links}}
-        free = free_ports(len(everyone) + (len(links) if http else 0))
-        ports = dict(zip(everyone, free, strict=False))
-        http_ports = dict(zip(links, free[len(everyone):], strict=False)) if http else {}
+        if ports is None:
+            free = free_ports(len(everyone) + (len(links) if http else 0))
+            ports = dict(zip(everyone, free, strict=False))
+            http_ports = dict(zip(links, free[len(everyone):], strict=False)) if http else {}
+        http_ports = dict(http_ports or {})
         log_dir = self.dir / f"{name}-logs"
         log_dir.mkdir()
         # Each herd.ini in a directory of its own: the default state dir ("state" beside
@@ -343,21 +448,25 @@ class Lab:
         home.mkdir()
         path = home / f"{name}.ini"
         written_http = None if old_code else http_ports
-        path.write_text(herd_ini(everyone, ports, log_dir, self.places_url, written_http, herd_keys, peer_keys))
-        return Herd(name, path, ports, log_dir, http_ports=http_ports)
+        path.write_text(herd_ini(everyone, ports, log_dir, self.places_url, written_http, herd_keys, peer_keys,
+                                 places_keys))
+        return Herd(name, path, dict(ports), log_dir, http_ports=http_ports)
 
-    def start_servers(self, herd: Herd, servers: Iterable[str], code: Path = ROOT, wait: bool = True) -> None:
-        """Start ``servers`` of ``herd`` from the checkout ``code``; wait until each listens."""
+    def start_servers(self, herd: Herd, servers: Iterable[str], code: Path = ROOT, wait: bool = True,
+                      env: Mapping[str, str] | None = None, timeout: float = START_TIMEOUT) -> None:
+        """Start ``servers`` of ``herd`` from the checkout ``code``; wait until each listens
+        (``timeout`` seconds each, counted from when its wait begins)."""
         for server in servers:
             argv = [sys.executable, "-m", "herdserver", server, "--config", str(herd.path)]
-            herd.children[server] = self.spawn(f"{herd.name}-{server}", argv, code=code)
+            herd.children[server] = self.spawn(f"{herd.name}-{server}", argv, code=code, env=env)
         if wait:
             for server, child in herd.children.items():
-                wait_for_port(child, herd.ports[server])
+                wait_for_port(child, herd.ports[server], timeout)
 
-    def stop_servers(self, herd: Herd) -> None:
-        """Graceful stop (SIGTERM) so every log is flushed before it is read."""
-        PROCESSES.stop(list(herd.children.values()))
+    def stop_servers(self, herd: Herd, timeout: float = STOP_TIMEOUT) -> None:
+        """Graceful stop (SIGTERM) so every log is flushed before it is read; SIGKILL for
+        any server still there ``timeout`` seconds later (a big herd needs more)."""
+        PROCESSES.stop(list(herd.children.values()), timeout)
 
     def echo(self) -> tuple[Child, int]:
         [port] = free_ports(1)

@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """The herdserver benchmark suite: one command, every scenario, baselines in the same run.
 
-    .venv/bin/python bench/run.py [--quick] [--json PATH] [--only SCENARIO ...] [--compare REV] [--keep]
+    .venv/bin/python bench/run.py [--quick] [--json PATH] [--only SCENARIO ...] [--compare [REV]]
+                                  [--herd-sizes N ...] [--keep]
 
 Servers, the echo baseline, the fake Places server and the load generators run
 as separate processes on loopback ports; every one is stopped by PID at the
@@ -17,7 +18,7 @@ import signal
 import sys
 import tempfile
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench import harness, report  # noqa: E402
-from bench.scenarios import SCENARIOS  # noqa: E402
+from bench.scenarios import SCENARIOS, compare  # noqa: E402
 from bench.scenarios.common import FULL, QUICK, Context  # noqa: E402
 
 PLACES_LATENCY = 0.2  # seconds; the WHATSAT scenario's ideal
@@ -40,9 +41,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help=f"write the results here (default: {DEFAULT_JSON.relative_to(ROOT)})")
     parser.add_argument("--only", nargs="+", choices=list(SCENARIOS), metavar="SCENARIO",
                         help=f"run only these ({', '.join(SCENARIOS)})")
-    parser.add_argument("--compare", metavar="REV",
-                        help="the git revision the compare scenario measures this code against (default: 70174fa, "
-                             "the last with persistent links); alone, it runs only that scenario")
+    parser.add_argument("--compare", metavar="REV", nargs="?", const=compare.DEFAULT_REV,
+                        help="the git revision the compare scenario measures this working tree against, side by "
+                             "side (default: HEAD~1; HEAD: uncommitted changes; 70174fa: the last with persistent "
+                             "links); alone, it runs only that scenario")
+    parser.add_argument("--herd-sizes", nargs="+", type=int, metavar="N",
+                        help="the herd scenario's herd sizes (default: 50 100; --quick: 20)")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (herd files, server logs)")
     return parser.parse_args(argv)
 
@@ -71,6 +75,8 @@ def write_json(path: Path, document: dict[str, Any]) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     settings = QUICK if args.quick else FULL
+    if args.herd_sizes:
+        settings = replace(settings, herd_sizes=tuple(args.herd_sizes))
     machine = report.machine()
     report.print_header(machine, "quick" if args.quick else "full")
     document: dict[str, Any] = {"machine": machine, "mode": "quick" if args.quick else "full",

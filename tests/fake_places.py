@@ -6,7 +6,7 @@ keep-alive) that answers
 * ``POST /v1/places:searchNearby`` -- Places API (New), and
 * ``GET /maps/api/place/nearbysearch/json`` -- the legacy Nearby Search,
 
-closely enough to Google that the providers in ``herdserver/places/google.py`` cannot
+closely enough to Google that the providers in ``herdserver/places.py`` cannot
 tell the difference. Shapes, limits and error envelopes follow Google's pages:
 
 * Nearby Search (New) request, response, field mask, maxResultCount, radius:
@@ -288,6 +288,8 @@ class Request:
 
 @dataclass
 class Reply:
+    """One HTTP answer of the fake (public: bench/places_server.py keeps them in its memo)."""
+
     status: int
     body: bytes
     content_type: str = "application/json; charset=UTF-8"
@@ -524,6 +526,8 @@ class FakePlaces:
     # ------------------------------------------------------------ Places API (New)
 
     def search_nearby(self, request: Request) -> Reply:
+        """The answer to one Nearby Search (New) request, after latency and failure modes; public
+        so a subclass may wrap it (bench/places_server.py answers repeated searches from memory)."""
         key = request.headers.get("x-goog-api-key") or request.query.get("key")
         if not key:
             return google_error(
@@ -675,6 +679,6 @@ def _project(value: Any, tree: Any) -> Any:
 
 
 __all__ = [
-    "FAIL_MODES", "LEGACY_PATH", "NEW_PATH", "PLACES", "UCLA", "FakePlaces", "Reply", "Request", "haversine_m",
+    "FAIL_MODES", "LEGACY_PATH", "NEW_PATH", "PLACES", "UCLA", "FakePlaces", "Request", "haversine_m",
     "make_place", "to_legacy",
 ]

@@ -35,9 +35,13 @@ class Settings:
     iamat_runs: int = 5  # the CPU ratios compare separate measurements: more runs, steadier medians
     slow_updates: int = 60_000  # ~40,000 AT lines fit in loopback buffers before a forwarder blocks
     slow_clients: int = 1_000
-    offline_queries: int | None = None  # None: bench_offline's own defaults
-    offline_linear_queries: int | None = None
+    offline_queries: int = 2_000  # per mix and radius, on the strip index and the lat band
+    offline_linear_queries: int = 50  # the linear scan costs ~100 ms a query
     startup_runs: int = 5  # the start-up targets are medians of 5 starts
+    herd_sizes: tuple[int, ...] = (50, 100)  # servers in the big herd (bench/run.py --herd-sizes)
+    herd_updates: int = 50
+    herd_gap: float = 0.25  # seconds between the big herd's updates: each one's traffic is its own
+    herd_idle_seconds: float = 10.0
 
 
 FULL = Settings()
@@ -45,6 +49,7 @@ QUICK = Settings(
     runs=1, duration=0.5, per_request_max=1_000, probes=50, probe_seconds=1.0, storm_updates=2_000,
     storm_clients=200, storm_seconds=15.0, idle_connections=2_000, slow_updates=50_000,
     offline_queries=200, offline_linear_queries=5, whatsat_runs=2, iamat_runs=1, startup_runs=2,
+    herd_sizes=(20,), herd_updates=20, herd_idle_seconds=3.0,
 )
 
 

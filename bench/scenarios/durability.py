@@ -52,43 +52,66 @@ def mode_rows(label: str, runs: list[dict[str, Any]], base: list[dict[str, Any]]
     ]
 
 
+Samples = dict[tuple[str, int], list[dict[str, Any]]]  # (mode, clients) -> one sample per run
+
+
+def start_modes(lab: Lab) -> dict[str, Herd]:
+    herds: dict[str, Herd] = {}
+    for i, (mode, keys) in enumerate(MODES.items()):
+        herds[mode] = lab.herd(f"mode{i}", {"Alford": []}, herd_keys=keys)
+        lab.start_servers(herds[mode], ["Alford"])
+    return herds
+
+
+def measure_modes(lab: Lab, herds: dict[str, Herd], ctx: Context) -> Samples:
+    """Every run, every client count, the four modes in rotated order (the VM's drift hits each alike)."""
+    s = ctx.settings
+    worker = lab.worker("load")
+    samples: Samples = defaultdict(list)
+    names = list(MODES)
+    for r in range(s.iamat_runs):
+        for clients in CLIENTS:
+            for k, mode in enumerate(names[r % 4:] + names[:r % 4]):
+                herd, prefix = herds[mode], f"d{r}-{clients}-{k}"
+                samples[mode, clients].append(with_cpu(herd.pids(), lambda h=herd, c=clients, p=prefix: closed_loop(
+                    worker, [h.ports["Alford"]], c, s.duration, s.max_requests, p)))
+    return samples
+
+
+def add_rows(section: Section, samples: Samples) -> None:
+    for clients in CLIENTS:
+        base = samples["memory only", clients]
+        for mode in MODES:
+            runs = samples[mode, clients]
+            check_errors(runs, f"{mode} c={clients}", section.notes)
+            section.add(*mode_rows(f"c={clients} {mode}", runs, None if mode == "memory only" else base))
+
+
+def notes(herds: dict[str, Herd], ctx: Context) -> list[str]:
+    s = ctx.settings
+    state_file = herds["fsync = always"].path.parent / "state" / "Alford.state"
+    size = state_file.stat().st_size if state_file.exists() else 0
+    return [
+        "one server each (four processes side by side); closed loop: each client sends one IAMAT (distinct "
+        f"client id) and waits for the reply; {s.duration:g} s or {s.max_requests:,} requests per measurement, "
+        f"median of {s.iamat_runs} runs, the four modes in rotated order",
+        "state file: the default (state/Alford.state beside herd.ini); interval = fsync at most 1 s after a "
+        "write; always = the reply waits for an fsync covering its record (group commit); never = the OS "
+        "writes back when it likes",
+        f"state dir filesystem: {filesystem(state_file.parent)}; fsync = always state file at the end: "
+        f"{size / 1e6:.1f} MB",
+        "no issue target: reported beside memory only",
+    ]
+
+
 def run(ctx: Context) -> Section:
     section = Section("durability")
     lab = Lab(ctx.work_dir, "durability", ctx.places_url)
-    s = ctx.settings
     try:
-        herds: dict[str, Herd] = {}
-        for i, (mode, keys) in enumerate(MODES.items()):
-            herds[mode] = lab.herd(f"mode{i}", {"Alford": []}, herd_keys=keys)
-            lab.start_servers(herds[mode], ["Alford"])
-        worker = lab.worker("load")
-        samples: dict[tuple[str, int], list[dict[str, Any]]] = defaultdict(list)
-        names = list(MODES)
-        for r in range(s.iamat_runs):
-            for clients in CLIENTS:
-                for k, mode in enumerate(names[r % 4:] + names[:r % 4]):  # rotate who goes first
-                    herd, prefix = herds[mode], f"d{r}-{clients}-{k}"
-                    samples[mode, clients].append(with_cpu(herd.pids(), lambda h=herd, c=clients, p=prefix: closed_loop(
-                        worker, [h.ports["Alford"]], c, s.duration, s.max_requests, p)))
-        for clients in CLIENTS:
-            base = samples["memory only", clients]
-            for mode in names:
-                runs = samples[mode, clients]
-                check_errors(runs, f"{mode} c={clients}", section.notes)
-                section.add(*mode_rows(f"c={clients} {mode}", runs, None if mode == "memory only" else base))
-        state_file = herds["fsync = always"].path.parent / "state" / "Alford.state"
-        size = state_file.stat().st_size if state_file.exists() else 0
-        section.notes += [
-            "one server each (four processes side by side); closed loop: each client sends one IAMAT (distinct "
-            f"client id) and waits for the reply; {s.duration:g} s or {s.max_requests:,} requests per measurement, "
-            f"median of {s.iamat_runs} runs, the four modes in rotated order",
-            "state file: the default (state/Alford.state beside herd.ini); interval = fsync at most 1 s after a "
-            "write; always = the reply waits for an fsync covering its record (group commit); never = the OS "
-            "writes back when it likes",
-            f"state dir filesystem: {filesystem(state_file.parent)}; fsync = always state file at the end: "
-            f"{size / 1e6:.1f} MB",
-            "no issue target: reported beside memory only",
-        ]
+        herds = start_modes(lab)
+        samples = measure_modes(lab, herds, ctx)
+        add_rows(section, samples)
+        section.notes += notes(herds, ctx)
         section.raw = {f"{mode} c={c}": runs for (mode, c), runs in samples.items()}
     finally:
         lab.close()

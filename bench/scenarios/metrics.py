@@ -14,7 +14,7 @@ import urllib.request
 from collections import defaultdict
 from typing import Any
 
-from bench.harness import HOST, Lab
+from bench.harness import HOST, Herd, Lab, LoadWorker
 from bench.report import Row, Section, Target
 from bench.scenarios.common import Context, check_errors, closed_loop, med, with_cpu
 
@@ -49,6 +49,46 @@ class Scraper:
             self.stop.wait(SCRAPE_SECONDS)
 
 
+def turn(worker: LoadWorker, herd: Herd, scraped: bool, prefix: str, ctx: Context) -> tuple[dict[str, Any], int]:
+    """One measurement of one server (its /metrics scraped meanwhile if ``scraped``); the scrapes made."""
+    s = ctx.settings
+
+    def measure() -> dict[str, Any]:
+        return closed_loop(worker, [herd.ports["Alford"]], CLIENTS, s.duration, s.max_requests, prefix)
+
+    if not scraped:
+        return with_cpu(herd.pids(), measure), 0
+    with Scraper(herd.http_ports["Alford"]) as scraper:
+        sample = with_cpu(herd.pids(), measure)
+    return sample, scraper.scrapes
+
+
+def measure_turns(lab: Lab, off: Herd, on: Herd, ctx: Context) -> tuple[dict[str, list[dict[str, Any]]], int]:
+    """Off and on in alternating order, ``iamat_runs`` times; the samples and the scrapes made."""
+    worker = lab.worker("load")
+    samples: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    scrapes = 0
+    for r in range(ctx.settings.iamat_runs):
+        for name in (("off", "on") if r % 2 == 0 else ("on", "off")):
+            sample, scraped = turn(worker, on if name == "on" else off, name == "on", f"m{r}-{name}", ctx)
+            samples[name].append(sample)
+            scrapes += scraped
+    return samples, scrapes
+
+
+def rows(samples: dict[str, list[dict[str, Any]]]) -> list[Row]:
+    on_tp, off_tp = med(samples["on"], "throughput"), med(samples["off"], "throughput")
+    return [
+        Row(f"persistent c={CLIENTS} metrics on throughput", on_tp, "req/s", off_tp, "metrics off (http_port = 0)",
+            Target(f">= {1 - COST_LIMIT:g}x off (counting costs <= {COST_LIMIT:.0%})",
+                   on_tp >= (1 - COST_LIMIT) * off_tp, "issue")),
+        Row(f"persistent c={CLIENTS} metrics on p50", med(samples["on"], "p50_ms"), "ms",
+            med(samples["off"], "p50_ms"), "metrics off"),
+        Row(f"persistent c={CLIENTS} metrics on CPU/request", med(samples["on"], "cpu_us_per_req"), "us",
+            med(samples["off"], "cpu_us_per_req"), "metrics off"),
+    ]
+
+
 def run(ctx: Context) -> Section:
     section = Section("metrics")
     lab = Lab(ctx.work_dir, "metrics", ctx.places_url)
@@ -58,33 +98,8 @@ def run(ctx: Context) -> Section:
         on = lab.herd("on", {"Alford": []}, http=True)
         lab.start_servers(off, ["Alford"])
         lab.start_servers(on, ["Alford"])
-        worker = lab.worker("load")
-        samples: dict[str, list[dict[str, Any]]] = defaultdict(list)
-        scrapes = 0
-        for r in range(s.iamat_runs):
-            for name in (("off", "on") if r % 2 == 0 else ("on", "off")):
-                herd = on if name == "on" else off
-                port = herd.ports["Alford"]
-
-                def measure(port: int = port, prefix: str = f"m{r}-{name}") -> dict[str, Any]:
-                    return closed_loop(worker, [port], CLIENTS, s.duration, s.max_requests, prefix)
-
-                if name == "on":
-                    with Scraper(on.http_ports["Alford"]) as scraper:
-                        samples[name].append(with_cpu(herd.pids(), measure))
-                    scrapes += scraper.scrapes
-                else:
-                    samples[name].append(with_cpu(herd.pids(), measure))
-        on_tp, off_tp = med(samples["on"], "throughput"), med(samples["off"], "throughput")
-        section.add(
-            Row(f"persistent c={CLIENTS} metrics on throughput", on_tp, "req/s", off_tp, "metrics off (http_port = 0)",
-                Target(f">= {1 - COST_LIMIT:g}x off (counting costs <= {COST_LIMIT:.0%})",
-                       on_tp >= (1 - COST_LIMIT) * off_tp, "issue")),
-            Row(f"persistent c={CLIENTS} metrics on p50", med(samples["on"], "p50_ms"), "ms",
-                med(samples["off"], "p50_ms"), "metrics off"),
-            Row(f"persistent c={CLIENTS} metrics on CPU/request", med(samples["on"], "cpu_us_per_req"), "us",
-                med(samples["off"], "cpu_us_per_req"), "metrics off"),
-        )
+        samples, scrapes = measure_turns(lab, off, on, ctx)
+        section.add(*rows(samples))
         for name, runs in samples.items():
             check_errors(runs, f"metrics {name}", section.notes)
         section.raw = dict(samples)

@@ -101,12 +101,13 @@ def log_time(stamp: bytes) -> float:
     return datetime.strptime(stamp.decode(), "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC).timestamp()
 
 
-def arrivals(herd: Herd, server: str) -> dict[str, float]:
-    """For every probe client, the log time of the first AT line carrying it that ``server`` read."""
+def arrivals(herd: Herd, server: str, marker: bytes = b"probe-") -> dict[str, float]:
+    """For every client whose id holds ``marker``, the log time of the first AT line carrying
+    it that ``server`` read."""
     first: dict[str, float] = {}
     with open(herd.log_path(server), "rb") as log:
         for line in log:
-            if b"probe-" not in line or b" event=in " not in line:
+            if marker not in line or b" event=in " not in line:
                 continue
             match = LOG_AT_IN.match(line)
             if match is not None:

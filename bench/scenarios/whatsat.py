@@ -1,10 +1,7 @@
-"""Concurrent WHATSATs against a slow Places server; the offline provider's query cost."""
+"""Concurrent WHATSATs against a slow Places server (the offline provider has its own scenario)."""
 
 from __future__ import annotations
 
-import contextlib
-import io
-import traceback
 from typing import Any
 
 from bench.harness import Lab, LoadWorker, quiet_cpu
@@ -67,51 +64,7 @@ def bursts(ctx: Context, section: Section) -> None:
     section.raw["bursts"] = runs
 
 
-def offline_rows(result: dict[str, Any]) -> list[Row]:
-    memory = result["memory"]
-    rows = [
-        Row("offline: RSS added by loading the data", memory["peak_delta_mb"], "MB peak", memory["budget_mb"],
-            "budget", Target(f"<= {memory['budget_mb']:g} MB", bool(memory["within_budget"]), "bench_offline")),
-        Row("offline: load time (fresh process)", memory["load_s"], "s"),
-    ]
-    for q in result["queries"]:
-        label = f"offline query {q['mix']} r={q['radius_km']}km"
-        rows += [
-            Row(f"{label} avg", q["index"]["avg_us"], "us", q["linear"]["avg_us"], "linear scan"),
-            Row(f"{label} p99", q["index"]["p99_us"], "us", q["lat_band"]["p99_us"], "lat-band p99"),
-        ]
-    return rows
-
-
-def offline(ctx: Context, section: Section) -> None:
-    """bench_offline.run(), owned by another engineer: its failure is reported, not fatal."""
-    s = ctx.settings
-    try:
-        from bench import bench_offline
-
-        options: dict[str, int] = {}
-        if s.offline_queries is not None and s.offline_linear_queries is not None:
-            options = {"queries": s.offline_queries, "linear_queries": s.offline_linear_queries}
-        printed = io.StringIO()
-        with contextlib.redirect_stdout(printed):
-            try:
-                result = bench_offline.run(None, **options)
-            except TypeError:  # an older/newer signature: fall back to the documented one
-                result = bench_offline.run(None)
-        section.add(*offline_rows(result))
-        section.raw["offline"] = result
-        section.notes.append("offline: bench/bench_offline.py run() (its own table follows)")
-        section.notes += ["  " + line for line in printed.getvalue().splitlines()]
-    except Exception as exc:
-        section.notes.append(f"offline benchmark failed: {type(exc).__name__}: {exc}")
-        section.raw["offline_error"] = traceback.format_exc()
-
-
 def run(ctx: Context) -> Section:
     section = Section("whatsat")
-    try:
-        bursts(ctx, section)
-    except Exception as exc:  # the offline part is independent: still run it
-        section.error = f"WHATSAT bursts: {type(exc).__name__}: {exc}"
-    offline(ctx, section)
+    bursts(ctx, section)
     return section

@@ -41,7 +41,7 @@ ATTRIBUTION = (
 )
 EARTH_RADIUS_M = 6_371_008.8  # IUGG mean radius
 SCALE = 100_000  # coordinates are stored as int32 of degrees * 1e5 (the source's precision)
-DEFAULT_STRIP_DEG = 0.1  # chosen by measurement, see bench/bench_offline.py
+DEFAULT_STRIP_DEG = 0.1  # chosen by measurement, see `bench/run.py --only offline`
 CHUNK_BYTES = 256 << 10  # read size: 256 KiB keeps the peak low (4 MiB cost +5 MB RSS, no speed)
 TYPES = ("locality", "political")
 
