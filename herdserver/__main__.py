@@ -21,7 +21,7 @@ import gevent  # noqa: E402
 import gevent.event  # noqa: E402
 
 from . import __version__  # noqa: E402
-from .config import LOG_STDOUT, ConfigError, load, prepare_log_dir  # noqa: E402
+from .config import LOG_STDOUT, ConfigError, HerdConfig, load, places_problem, prepare_log_dir  # noqa: E402
 
 if TYPE_CHECKING:
     from .server import HerdServer
@@ -44,7 +44,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--parent-pid",
         type=int,
         metavar="PID",
-        help="stop (as on SIGTERM) when this parent process is gone; run_herd.py passes its own PID",
+        help="stop (as on SIGTERM) when this parent process is gone; run_herd passes its own PID",
     )
     parser.add_argument("--version", action="version", version=f"herdserver {__version__}")
     return parser.parse_args(argv)
@@ -99,6 +99,14 @@ def up_line(server: "HerdServer") -> str:
     return "herdserver: %s up on %s:%d (%s), log %s" % (server.name, *server.address, http, log)
 
 
+def warn_places_problem(config: HerdConfig, server: "HerdServer") -> None:
+    """A Google provider without a key would deny every WHATSAT: say so now, on stderr and in the log."""
+    problem = places_problem(config.places, os.environ)
+    if problem:
+        print(f"herdserver: {server.name}: {problem}", file=sys.stderr, flush=True)
+        server.log.warning("places_problem", problem=problem)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
@@ -121,6 +129,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         server = HerdServer(config, args.name)
+        # logrotate's postrotate, and run_herd passing on its own SIGHUP. Before start():
+        # once the port answers, a SIGHUP reopens the log instead of killing the process.
+        gevent.signal_handler(signal.SIGHUP, server.log.reopen)
         server.start()
     except StateLocked as exc:
         print(f"herdserver: {args.name}: {exc}", file=sys.stderr)
@@ -128,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         print(f"herdserver: {args.name}: cannot start: {exc}", file=sys.stderr)
         return 1
-    gevent.signal_handler(signal.SIGHUP, server.log.reopen)  # logrotate's postrotate
+    warn_places_problem(config, server)
     print(up_line(server), file=sys.stderr, flush=True)  # one line once it is up
     stopping.wait()
     server.stop()

@@ -514,3 +514,57 @@ def _read_places(reader: _Reader) -> PlacesSettings:
         pool_size=reader.integer("places", "pool_size", d.pool_size, 1, 10000),
         field_mask=reader.get("places", "field_mask", str, d.field_mask, "a field mask"),
     )
+
+
+GOOGLE_PROVIDERS = ("google", "google-legacy")
+
+
+def places_problem(settings: PlacesSettings, environ: Mapping[str, str]) -> str | None:
+    """Why WHATSAT cannot work with these settings, or None: a Google provider with no key in
+    the environment starts fine and then denies every request, so say it at start instead."""
+    provider = effective_provider(settings, environ)
+    if provider not in GOOGLE_PROVIDERS or environ.get(settings.api_key_env):
+        return None
+    how = "empty" if settings.api_key_env in environ else "unset"
+    return (
+        f"provider {provider} has no API key ({settings.api_key_env} {how}): "
+        "every WHATSAT will answer REQUEST_DENIED"
+    )
+
+
+def check_dirs(config: HerdConfig) -> None:
+    """What prepare_log_dir would find, without creating anything (``herdctl check``): a
+    ConfigError when log_dir or state_dir is not a writable directory and cannot be made one."""
+    for key, directory in (("log_dir", config.log_dir), ("state_dir", config.state_dir)):
+        if directory is None or (key == "log_dir" and directory == LOG_STDOUT):
+            continue
+        existing = directory
+        while not os.path.exists(existing):  # the nearest existing ancestor is where it would be made
+            existing = os.path.dirname(existing)
+        if not os.path.isdir(existing):
+            raise ConfigError(config.path, "herd", key, f"cannot create {directory}: {existing} is not a directory")
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise ConfigError(config.path, "herd", key, f"{existing} is not writable")
+
+
+def _ranges(ports: list[int]) -> str:
+    """[12000, 12001, 12002, 12005] -> ``12000-12002, 12005``."""
+    runs: list[list[int]] = []
+    for port in sorted(ports):
+        if runs and port == runs[-1][-1] + 1:
+            runs[-1].append(port)
+        else:
+            runs.append([port])
+    return ", ".join(str(r[0]) if len(r) == 1 else f"{r[0]}-{r[-1]}" for r in runs)
+
+
+def describe(config: HerdConfig) -> str:
+    """``5 servers, 5 links, port 12000-12004, http_port 13000-13004``: a herd in one line."""
+    links = {frozenset((name, n)) for name, s in config.servers.items() for n in s.neighbors}
+    by_key: dict[str, list[int]] = {}
+    for server in config.servers.values():
+        for key, port in server.listen_ports():
+            by_key.setdefault(key, []).append(port)
+    count = len(config.servers)
+    parts = [f"{count} server{'s' * (count != 1)}", f"{len(links)} link{'s' * (len(links) != 1)}"]
+    return ", ".join(parts + [f"{key} {_ranges(ports)}" for key, ports in by_key.items()])

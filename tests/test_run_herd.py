@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
+import re
 import signal
+import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-import run_herd
+from herdserver import supervisor
+from herdserver.config import load
 
 from .conftest import TEST_KEY, wait_until
 from .procnet import kill_by_port, pids_on_port
@@ -22,17 +27,22 @@ ROOT = Path(__file__).resolve().parent.parent
 ENV = dict(os.environ, HERD_TEST_KEY=TEST_KEY)
 
 
-def write_herd(tmp_path: Path, names: list[str], log_dir: str = "herdlogs") -> tuple[Path, dict[str, int]]:
-    """A herd of ``names`` in a chain on free loopback ports; Places points at a closed port."""
-    ports = dict(zip(names, free_ports(len(names)), strict=True))
+def write_herd(
+    tmp_path: Path, names: list[str], log_dir: str = "herdlogs", key_env: str = "HERD_TEST_KEY"
+) -> tuple[Path, dict[str, int]]:
+    """A herd of ``names`` in a chain on free loopback ports (client and HTTP, both from the
+    kernel: never a guessed port + 1000); Places points at a closed port."""
+    free = free_ports(2 * len(names))
+    ports = dict(zip(names, free[: len(names)], strict=True))
     text = (
         f"[herd]\nhost = 127.0.0.1\nlog_dir = {log_dir}\n\n"
-        "[places]\nprovider = google\napi_key_env = HERD_TEST_KEY\nbase_url = http://127.0.0.1:1\ntimeout = 0.5\n\n"
+        f"[places]\nprovider = google\napi_key_env = {key_env}\nbase_url = http://127.0.0.1:1\ntimeout = 0.5\n\n"
         "[peers]\nbackoff_max = 0.1\n[limits]\nshutdown_grace = 0.5\n"
     )
     for i, name in enumerate(names):
         neighbors = names[i + 1] if i + 1 < len(names) else ""
         text += f"\n[server:{name}]\nport = {ports[name]}\nneighbors = {neighbors}\n"
+        text += f"http_port = {free[len(names) + i]}\n"
     path = tmp_path / "herd.ini"
     path.write_text(text)
     return path, ports
@@ -103,6 +113,7 @@ class Herd:
 
     def __init__(self, tmp_path: Path, config: Path, ports: dict[str, int], *args: str) -> None:
         self.ports = ports
+        self.config = load(config)
         self.out_path, self.err_path = tmp_path / "stdout", tmp_path / "stderr"
         with open(self.out_path, "w") as out, open(self.err_path, "w") as err:
             self.proc = subprocess.Popen(
@@ -156,8 +167,8 @@ class Herd:
 def herd(tmp_path: Path) -> Iterator[object]:
     started: list[Herd] = []
 
-    def start(names: list[str], *args: str) -> Herd:
-        config, ports = write_herd(tmp_path, names)
+    def start(names: list[str], *args: str, key_env: str = "HERD_TEST_KEY") -> Herd:
+        config, ports = write_herd(tmp_path, names, key_env=key_env)
         started.append(Herd(tmp_path, config, ports, *args))
         return started[-1]
 
@@ -195,7 +206,7 @@ def test_no_restart_reports_the_exit_and_ends_when_no_server_is_left(herd) -> No
 
 
 def test_backoff_doubles_to_the_cap_and_resets_after_a_long_run() -> None:
-    backoff = run_herd.Backoff(initial=1, maximum=30, reset_after=60)
+    backoff = supervisor.Backoff(initial=1, maximum=30, reset_after=60)
     assert [backoff.delay(uptime=5) for _ in range(7)] == [1, 2, 4, 8, 16, 30, 30]
     assert backoff.delay(uptime=59.9) == 30
     assert [backoff.delay(uptime=60), backoff.delay(uptime=1)] == [1, 2]
@@ -269,3 +280,104 @@ def test_without_pdeathsig_a_server_polls_for_its_parent(tmp_path: Path) -> None
             parent.wait()
         parent.stdout.close()
         kill_by_port(ports["Alford"], {server}, signal.SIGKILL)
+
+
+def test_the_table_shows_each_servers_pid(herd) -> None:
+    h = herd(["Alford", "Ball"])
+    servers = h.wait_up()
+    rows = {line.split()[0]: line for line in h.stdout.splitlines() if not line.startswith("run_herd:")}
+    assert {name: int(re.search(r" pid: (\d+) ", row).group(1)) for name, row in rows.items()} == servers
+
+
+def test_sighup_reopens_every_log_and_the_herd_keeps_running(herd, tmp_path: Path) -> None:
+    h = herd(["Alford", "Ball"])
+    servers = h.wait_up()
+    logs = tmp_path / "herdlogs"
+    for name in servers:  # what logrotate does before its postrotate: move the file away
+        (logs / f"{name}.log").rename(logs / f"{name}.log.1")
+    h.proc.send_signal(signal.SIGHUP)
+    h.wait_for("run_herd: SIGHUP passed on to Alford, Ball (each reopens its log)\n")
+    wait_until(lambda: all((logs / f"{n}.log").exists() for n in servers), what="each log opened again by name")
+    assert h.proc.poll() is None and h.servers() == servers and all(accepting(p) for p in h.ports.values())
+    h.proc.send_signal(signal.SIGTERM)
+    assert h.proc.wait(timeout=15) == 0, h.stderr
+    assert all("event=stop" in (logs / f"{n}.log").read_text() for n in servers)  # the new files, not the moved
+
+
+def test_a_busy_http_port_is_named_before_any_server_starts(tmp_path: Path) -> None:
+    config, _ = write_herd(tmp_path, ["Alford", "Ball"])
+    http_port = load(config).servers["Ball"].http_port
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", http_port))
+        squatter.listen(1)
+        result = run("run_herd.py", "--config", str(config))
+    assert result.returncode == 1
+    expected = f"run_herd: Ball: 127.0.0.1:{http_port} is already in use by another program ([server:Ball] http_port)\n"
+    assert result.stderr == expected
+    assert result.stdout == "" and list((tmp_path / "herdlogs").iterdir()) == []  # no server ever ran
+
+
+def test_a_server_dying_during_start_up_is_said_once(tmp_path: Path) -> None:
+    config, _ = write_herd(tmp_path, ["Alford", "Ball"])
+    text = config.read_text().replace("[herd]\n", "[herd]\nstate_dir = state\n")
+    config.write_text(text)
+    (tmp_path / "state").mkdir()
+    with open(tmp_path / "state" / "Ball.state.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as a second process on Ball's state would find it
+        result = run("run_herd.py", "--config", str(config))
+    assert result.returncode == 1
+    own = [line for line in result.stderr.splitlines() if line.startswith("run_herd: ")]
+    assert own == ["run_herd: Ball exited with status 2 before listening; stopping the herd"], result.stderr
+
+
+def test_a_hung_server_is_killed_and_restarted(herd) -> None:
+    h = herd(["Alford", "Ball"], "--liveness-timeout", "1", "--restart-initial", "0.05")
+    first = h.wait_up()
+    os.kill(first["Ball"], signal.SIGSTOP)  # hung: its port still accepts (the kernel's backlog), nothing answers
+    try:
+        h.wait_for(f"run_herd: Ball (pid {first['Ball']}) has not answered /livez for ", "stderr", timeout=10)
+        h.wait_for("run_herd: Ball exited with status -9; restarting in 0.05s\n", "stderr")
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # if it was not killed after all
+            os.kill(first["Ball"], signal.SIGCONT)
+    again = wait_until(lambda: h.servers().get("Ball") not in (None, first["Ball"]) and h.servers(), what="a new Ball")
+    h.wait_for(f"run_herd: Ball restarted, pid {again['Ball']}\n", "stderr")
+    wait_until(lambda: accepting(h.ports["Ball"]), timeout=10, what="the new Ball to listen")
+    assert h.servers()["Alford"] == first["Alford"] and "run_herd: Alford" not in h.stderr  # left alone
+    h.proc.send_signal(signal.SIGTERM)
+    assert h.proc.wait(timeout=15) == 1  # a server had to be killed meanwhile
+
+
+def test_a_google_provider_with_no_key_is_said_at_start(herd, tmp_path: Path) -> None:
+    h = herd(["Alford"], key_env="HERD_TEST_NO_SUCH_KEY")
+    h.wait_up()
+    problem = "provider google has no API key (HERD_TEST_NO_SUCH_KEY unset): every WHATSAT will answer REQUEST_DENIED"
+    assert re.search(r"^Alford .* places: google \(NO API KEY\) +log: ", h.stdout, re.M), h.stdout
+    h.wait_for(f"run_herd: places: {problem}\n", "stderr")
+    h.wait_for(f"herdserver: Alford: {problem}\n", "stderr")
+    log = (tmp_path / "herdlogs" / "Alford.log").read_text()
+    assert "WARNING Alford event=places_problem problem=" in log and "REQUEST_DENIED" in log
+    h.proc.send_signal(signal.SIGTERM)
+    assert h.proc.wait(timeout=15) == 0
+
+
+def test_liveness_and_start_options_are_checked() -> None:
+    for args in (["--liveness-timeout", "-1"], ["--liveness-timeout", "soon"], ["--start-timeout", "0"]):
+        result = run("run_herd.py", *args)
+        assert result.returncode == 2 and "is not a" in result.stderr, result.stderr
+
+
+def test_an_idle_herd_leaves_run_herd_asleep(herd) -> None:
+    """It waits for a signal (SIGCHLD included) or a timer, not in a polling loop."""
+    h = herd(["Alford"], "--liveness-timeout", "0")
+    h.wait_up()
+
+    def wakeups() -> int:
+        status = Path(f"/proc/{h.proc.pid}/task/{h.proc.pid}/status").read_text()  # the main thread's
+        return int(re.search(r"^voluntary_ctxt_switches:\s+(\d+)", status, re.M).group(1))
+
+    before = wakeups()
+    time.sleep(1)  # a window to measure, not a wait for something: the old loop woke 5 times in it
+    assert wakeups() - before <= 1
+    os.kill(h.servers()["Alford"], signal.SIGKILL)
+    h.wait_for("run_herd: Alford exited with status -9; restarting in 1s\n", "stderr")
