@@ -25,7 +25,7 @@ from gevent.event import Event
 from gevent.greenlet import Greenlet
 from gevent.pool import Group
 
-from . import logs
+from . import __version__, logs
 from .config import HerdConfig
 from .core import limits
 from .core.replica import Replica
@@ -263,6 +263,7 @@ class HerdServer:
             log_lines=self.log.lines_written,
             log_lines_dropped=self.log.lines_dropped,
             events=tuple(self.events.snapshot()),
+            version=__version__,
         )
 
 
