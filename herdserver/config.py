@@ -43,6 +43,9 @@ class Limits:
     shutdown_grace: float = 2.0  # seconds to let clients finish on stop
     park_after: float = 5.0  # seconds a quiet client keeps its greenlet (~9 KB) before it is parked
     max_clock_skew: float = 60.0  # seconds a client's time may be ahead of the server's clock
+    # Close a client's connection once the replies to a batch of its lines are written
+    # (clients written for servers that close after answering); neighbors' connections stay.
+    close_after_reply: bool = False
 
 
 @dataclass(frozen=True)
@@ -150,7 +153,7 @@ class HerdConfig:
 _HERD_KEYS = {"host", "log_dir", "log_level", "state_dir", "fsync", "secret_env", "secret_file"}
 _LIMIT_KEYS = {
     "max_line_bytes", "max_connections", "max_connections_per_ip", "line_timeout", "idle_timeout",
-    "write_timeout", "shutdown_grace", "park_after", "max_clock_skew",
+    "write_timeout", "shutdown_grace", "park_after", "max_clock_skew", "close_after_reply",
 }  # fmt: skip
 _PEER_KEYS = {
     "backoff_initial", "backoff_max", "connect_timeout", "write_timeout", "link_idle", "sync_interval", "trusted",
@@ -193,6 +196,9 @@ class _Reader:
             raise self.error(section, key, f"must be at least {minimum:g}")
         return value
 
+    def boolean(self, section: str, key: str, default: bool) -> bool:
+        return self.get(section, key, _yes_no, default, "yes or no")
+
     def integer(self, section: str, key: str, default: int, lo: int, hi: int) -> int:
         value = self.get(section, key, _ascii_int, default, "an integer")
         if not lo <= value <= hi:
@@ -206,6 +212,14 @@ def _ascii_int(text: str) -> int:
     if not (digits.isascii() and digits.isdigit()):
         raise ValueError(text)
     return int(text)
+
+
+def _yes_no(text: str) -> bool:
+    # configparser's spellings: yes/no, true/false, on/off, 1/0 (any case).
+    value = configparser.ConfigParser.BOOLEAN_STATES.get(text.lower())
+    if value is None:
+        raise ValueError(text)
+    return value
 
 
 def _decimal_number(text: str) -> float:
@@ -473,6 +487,7 @@ def _read_limits(reader: _Reader) -> Limits:
         shutdown_grace=reader.number("limits", "shutdown_grace", d.shutdown_grace),
         park_after=reader.number("limits", "park_after", d.park_after, minimum=0.01),
         max_clock_skew=reader.number("limits", "max_clock_skew", d.max_clock_skew),
+        close_after_reply=reader.boolean("limits", "close_after_reply", d.close_after_reply),
     )
 
 

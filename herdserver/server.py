@@ -26,7 +26,7 @@ from gevent.greenlet import Greenlet
 from gevent.lock import Semaphore
 from gevent.pool import Group
 
-from . import logs
+from . import __version__, logs
 from .config import HerdConfig
 from .core import limits
 from .core.replica import Replica
@@ -288,6 +288,7 @@ class HerdServer:
             log_lines=self.log.lines_written,
             log_lines_dropped=self.log.lines_dropped,
             events=tuple(self.events.snapshot()),
+            version=__version__,
         )
 
 

@@ -412,3 +412,15 @@ def test_log_dir_dash_is_standard_output(tmp_path: Path) -> None:
     cfg = config.load(write(tmp_path, TWO.replace("log_dir = logs", "log_dir = -")))
     assert cfg.log_dir == "-"
     assert cfg.log_path("A") == "-"
+
+
+@pytest.mark.parametrize(("value", "expected"), [("yes", True), ("No", False), ("true", True), ("off", False)])
+def test_close_after_reply_is_yes_or_no(tmp_path: Path, value: str, expected: bool) -> None:
+    cfg = config.load(write(tmp_path, TWO + f"[limits]\nclose_after_reply = {value}\n"))
+    assert cfg.limits == Limits(close_after_reply=expected)
+
+
+@pytest.mark.parametrize("value", ["maybe", "", "2", "yes please"])
+def test_close_after_reply_other_words_are_errors(tmp_path: Path, value: str) -> None:
+    _, text = error(tmp_path, TWO + f"[limits]\nclose_after_reply = {value}\n")
+    assert text.endswith(f"[limits] close_after_reply: {value!r} is not yes or no")

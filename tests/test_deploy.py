@@ -8,6 +8,7 @@ from __future__ import annotations
 import configparser
 import re
 from pathlib import Path
+from typing import Any
 
 from herdserver import config
 
@@ -75,3 +76,55 @@ def test_compose_keeps_each_servers_state_on_a_volume_and_passes_the_secret() ->
         assert f'"{name}-state:/var/lib/herdserver"' in text
         assert f"\n  {name}-state:" in top_volumes
     assert "HERDSERVER_CACHE_DIR" in (DEPLOY / "Dockerfile").read_text()
+
+
+PROMQL_WORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "and", "or", "unless", "bool"}
+PROMETHEUS_OWN = {"up"}  # series Prometheus makes for every target, not in /metrics
+
+
+def selectors(expr: str) -> list[tuple[str, dict[str, tuple[str, str]]]]:
+    """The series an expression selects: (metric, {label: (operator, value)})."""
+    expr = re.sub(r"\b(by|without)\s*\([^)]*\)", " ", expr)  # grouping labels
+    expr = re.sub(r"\[[^\]]*\]", " ", expr)  # ranges: [5m]
+    found = []
+    for match in re.finditer(r"([A-Za-z_:][A-Za-z0-9_:]*)\s*(\{[^}]*\})?(\s*\()?", expr):
+        name, braces, call = match.groups()
+        if call or name in PROMQL_WORDS:
+            continue  # a function, an aggregation or an operator word
+        matchers = re.findall(r'(\w+)\s*(=~|!~|!=|=)\s*"([^"]*)"', braces or "")
+        found.append((name, {label: (op, value) for label, op, value in matchers}))
+    return found
+
+
+def test_the_alert_rules_name_metrics_a_server_exports(make_herd: Any) -> None:
+    import yaml
+
+    from .test_http import scrape
+
+    rules = yaml.safe_load((DEPLOY / "alerts.yml").read_text())
+    [group] = rules["groups"]
+    alerts = {rule["alert"]: rule for rule in group["rules"]}
+    assert {"HerdServerDown", "HerdLinkDown", "HerdPlacesErrors", "HerdStateNotWritable"} <= set(alerts)
+    assert alerts["HerdLinkDown"]["for"] == "1m"
+    herd = make_herd({"Alford": ["Ball"], "Ball": []}, http=True)
+    samples = scrape(herd, "Alford")  # a fresh server: every series a rule uses is there from the start
+    for name, rule in alerts.items():
+        assert rule["labels"]["severity"] in ("page", "warn") and rule["annotations"]["summary"], name
+        used = selectors(rule["expr"])
+        assert used, name
+        for metric, matchers in used:
+            if metric in PROMETHEUS_OWN:
+                continue
+            series = [dict(labels) for sample, labels in samples if sample == metric]
+            assert series, f"{name}: {metric} is not in /metrics"
+            for label, (op, value) in matchers.items():
+                where = f"{name}: {metric}{{{label}{op}{value!r}}}"
+                assert all(label in s for s in series), f"{where}: no such label"
+                wanted = op in ("=", "=~")  # a series the matcher keeps must exist
+                assert any(bool(re.fullmatch(value, s[label])) == wanted for s in series), f"{where}: selects none"
+
+
+def test_selectors_are_read_out_of_promql() -> None:
+    expr = 'sum by (instance, provider) (rate(herd_x_total{status!~"OK|Z", a="b"}[5m])) / sum(rate(herd_x_total[5m]))'
+    assert selectors(expr) == [("herd_x_total", {"status": ("!~", "OK|Z"), "a": ("=", "b")}), ("herd_x_total", {})]
+    assert selectors('up{job="herdserver"} == 0') == [("up", {"job": ("=", "herdserver")})]

@@ -10,6 +10,7 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
+import herdserver
 from herdserver.config import ServerConfig
 from herdserver.core import stats
 from herdserver.server import HerdServer
@@ -73,16 +74,17 @@ def test_metrics_count_commands_links_places_and_logs(triangle: Herd) -> None:
     assert 0 < value(s, "herd_command_duration_seconds_sum", command="IAMAT") < 1
     assert value(s, "herd_command_duration_seconds_count", command="WHATSAT") == 1
     assert value(s, "herd_records") == 1
-    assert value(s, "herd_connections", state="open") >= 1
+    assert value(s, "herd_connections", state="active") + value(s, "herd_connections", state="parked") >= 1
     for neighbor in ("Ball", "Hamilton"):
         assert value(s, "herd_link_up", neighbor=neighbor) == 1
         assert value(s, "herd_link_reconnects_total", neighbor=neighbor) == 0
         assert value(s, "herd_syncs_total", neighbor=neighbor, kind="digest") >= 1  # at start
         assert value(s, "herd_syncs_total", neighbor=neighbor, kind="full") == 0  # a herdserver: digests only
         assert value(s, "herd_link_connections_total", neighbor=neighbor) >= 1
-        assert value(s, "herd_at_lines_total", direction="out", neighbor=neighbor) == 1
+        assert value(s, "herd_link_at_lines_sent_total", neighbor=neighbor) == 1
+    assert value(s, "herd_at_lines_total", direction="out") == 2
     assert value(s, "herd_at_bytes_total", direction="out") == 2 * (len(at))
-    assert value(s, "herd_at_lines_total", direction="in", neighbor="") == 0  # not flooded back to its maker
+    assert value(s, "herd_at_lines_total", direction="in") == 0  # not flooded back to its maker
     assert value(s, "herd_places_requests_total", provider="google", status="OK") == 1
     assert value(s, "herd_places_duration_seconds_count") == 1
     assert value(s, "herd_dropped_lines_total", reason="overlong") == 1
@@ -97,7 +99,7 @@ def test_metrics_count_commands_links_places_and_logs(triangle: Herd) -> None:
     ball = scrape(triangle, "Ball")  # its own registry: its own numbers
     assert value(ball, "herd_commands_total", command="IAMAT", result="ok") == 0
     assert value(ball, "herd_records") == 1
-    assert value(ball, "herd_at_lines_total", direction="in", neighbor="") == 2  # from Alford and from Hamilton
+    assert value(ball, "herd_at_lines_total", direction="in") == 2  # from Alford and from Hamilton
     assert value(ball, "herd_at_bytes_total", direction="in") == 2 * len(at)
     assert value(ball, "herd_commands_total", command="AT", result="stored") == 1
     assert value(ball, "herd_commands_total", command="AT", result="dropped") == 1
@@ -137,6 +139,7 @@ def test_status_json(triangle: Herd) -> None:
     status = get(triangle, "Ball", "/status").json()
     server = triangle.servers["Ball"]
     assert status["name"] == "Ball"
+    assert status["version"] == herdserver.__version__
     assert status["address"] == "127.0.0.1:%d" % server.address[1]
     assert status["http"] == f"127.0.0.1:{triangle.config.servers['Ball'].http_port}"
     assert status["provider"] == "google" and status["places"]["provider"] == "google"

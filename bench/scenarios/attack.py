@@ -66,7 +66,8 @@ def metrics(h: Herd, server: str) -> dict[str, float]:
 
 
 def open_conns(m: dict[str, float]) -> int:
-    return int(m.get('herd_connections{state="open"}', 0))
+    # The states partition the open connections: their sum is all of them.
+    return int(sum(m.get(f'herd_connections{{state="{state}"}}', 0) for state in ("active", "parked")))
 
 
 def refused(m: dict[str, float]) -> int:

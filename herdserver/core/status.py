@@ -94,6 +94,14 @@ class ServerStatus:
     log_lines: int
     log_lines_dropped: int
     events: tuple[dict[str, Any], ...] = ()
+    version: str = ""  # herdserver.__version__ (herd_build_info, /status)
+    # False while the state file cannot be written (memory-only servers: True); herd_state_writable
+    state_writable: bool = True
+
+    @property
+    def active_connections(self) -> int:
+        """Open connections that are not parked: ``herd_connections`` partitions into active and parked."""
+        return self.open_connections - self.parked_connections
 
     def readiness(self) -> tuple[bool, str]:
         """(ready, why not): listening, state loaded, and a link up or no neighbors configured."""
@@ -113,6 +121,7 @@ class ServerStatus:
         places["provider"] = self.provider
         return {
             "name": self.name,
+            "version": self.version,
             "address": self.address,
             "http": self.http,
             "time": self.time,

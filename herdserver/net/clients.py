@@ -48,18 +48,27 @@ CLIENT_SNDBUF = 128 << 10
 CLIENT_RCVBUF = 64 << 10
 # Errors that mean "the client went away": logged as a plain close, no traceback.
 QUIET_ERRNOS = {errno.EPIPE, errno.ECONNRESET, errno.ECONNABORTED, errno.ETIMEDOUT, errno.ENOTCONN}
+# close_after_reply: after the FIN, what the client still sends is read and dropped
+# until it closes, for at most this long and this much, so that closing with unread
+# bytes does not reset the connection (which can destroy the reply before it is read).
+LINGER_SECONDS = 1.0
+LINGER_BYTES = 1 << 16
 
 
 class _Park(Exception):
     """Thrown into a handler waiting for bytes: hand the connection back to a watcher."""
 
 
-class _TimedOut(Exception):
-    """A client ran out of time: ``idle_timeout``, ``line_timeout`` or ``write_timeout``."""
+class _Done(Exception):
+    """The server ends this connection, for ``reason``."""
 
     def __init__(self, reason: str):
         super().__init__(reason)
         self.reason = reason
+
+
+class _TimedOut(_Done):
+    """A client ran out of time: ``idle_timeout``, ``line_timeout`` or ``write_timeout``."""
 
 
 @dataclass(slots=True, eq=False)
@@ -266,7 +275,7 @@ class ClientPort:
             if self.stopping:
                 raise gevent.GreenletExit
             parked = self._serve(sock, conn)
-        except _TimedOut as exc:
+        except _Done as exc:
             reason = exc.reason
             if reason == "write_timeout":
                 self.dropped_slow += 1
@@ -314,13 +323,28 @@ class ClientPort:
                 if any(item for item in items):  # blank lines are not commands
                     conn.last_command = now
                 conn.busy = True
-                self._answer(sock, items, conn)
+                replied = self._answer(sock, items, conn)
                 conn.busy = False
+                if replied and self.limits.close_after_reply:
+                    self._close_after_reply(sock)
             if not data:
                 return False  # EOF: everything owed has been written
 
-    def _answer(self, sock: socket.socket, items: list[bytes | Overlong], conn: Connection) -> None:
-        """Reply to a batch of lines in order; the batch's Places calls overlap.
+    def _close_after_reply(self, sock: socket.socket) -> None:
+        """``[limits] close_after_reply``: the batch's replies are written; FIN after them,
+        drop what the client still sends until it closes (bounded), then end the connection."""
+        sock.shutdown(socket.SHUT_WR)
+        dropped = 0
+        with gevent.Timeout(LINGER_SECONDS, False):  # False: the timeout just ends the block
+            while dropped <= LINGER_BYTES:
+                chunk = sock.recv(RECV_BYTES)
+                if not chunk:
+                    break
+                dropped += len(chunk)
+        raise _Done("close_after_reply")
+
+    def _answer(self, sock: socket.socket, items: list[bytes | Overlong], conn: Connection) -> bool:
+        """Reply to a batch of lines in order; the batch's Places calls overlap. True if it had a reply.
 
         Replies are written as soon as those before them are ready, and no more
         than MAX_PIPELINED_WHATSAT calls or REPLY_BUFFER_BYTES wait at once: a
@@ -331,11 +355,13 @@ class ClientPort:
         self._log_in(items, conn)
         pending: list[bytes | Greenlet] = []
         in_flight = buffered = calls = 0
+        replied = False
         for item in items:
             reply = self.commands.handle(item, conn, calls >= FAST_PER_BATCH)
             if reply is None:
                 continue
             pending.append(reply)
+            replied = True
             if isinstance(reply, bytes):
                 buffered += len(reply)
             else:
@@ -354,6 +380,7 @@ class ClientPort:
         if pending:
             self._write_replies(sock, pending, conn)
         self.commands.persist()  # AT lines get no reply, but are stored all the same
+        return replied
 
     def _wait_read_by_client(self, sock: socket.socket) -> None:
         """Until the client has taken most of what waits for it in the kernel; a client

@@ -4,18 +4,50 @@ The hot path never touches ``prometheus_client``: a command costs an ``int += 1`
 on ``core.stats.Stats``. ``HerdCollector`` is handed a callable that returns a
 ``ServerStatus`` and turns it into metric families only when ``/metrics`` is
 scraped, into a registry of the server's own (several servers may share a
-process, as the tests do).
+process, as the tests do). ``registry`` adds prometheus_client's own process,
+platform and GC collectors beside it.
+
+Every series a user would alert on exists from the first scrape, at 0 until its
+first event (an alert on ``rate()`` or ``increase()`` of a series that appears
+only with its first event misses that event), and no label is ever empty.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 
+from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.gc_collector import GCCollector
+from prometheus_client.platform_collector import PlatformCollector
+from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
 from ..core.stats import command_counts
 from ..core.status import ServerStatus
+
+# (command, result) pairs shown at 0 before their first event; the rest of
+# command_counts' pairs are always there.
+COMMAND_RESULTS = (
+    ("IAMAT", "ok"), ("IAMAT", "invalid"), ("WHATSAT", "ok"), ("WHATSAT", "invalid"),
+    ("AT", "stored"), ("AT", "dropped"), ("AT", "invalid"), ("other", "invalid"),
+)  # fmt: skip
+# Places status words shown at 0 for the server's provider before their first call:
+# the successes and the errors places.py maps HTTP failures and timeouts to.
+PLACES_STATUSES = ("OK", "ZERO_RESULTS", "UNKNOWN_ERROR", "INVALID_REQUEST", "OVER_QUERY_LIMIT", "REQUEST_DENIED")
+
+
+def registry(status: Callable[[], ServerStatus]) -> CollectorRegistry:
+    """One server's registry: its HerdCollector and prometheus_client's process
+    (``process_resident_memory_bytes``, ...), platform (``python_info``) and GC
+    collectors. Servers sharing a process each get their own, reporting the same process."""
+    reg = CollectorRegistry(auto_describe=False)
+    reg.register(HerdCollector(status))
+    # The library's own instances live in its global REGISTRY, which we do not serve: new ones, in ours.
+    ProcessCollector(registry=reg)
+    PlatformCollector(registry=reg)
+    GCCollector(registry=reg)
+    return reg
 
 
 class HerdCollector(Collector):
@@ -27,10 +59,20 @@ class HerdCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         server = self.status()
         stats = server.stats
+        build = GaugeMetricFamily("herd_build_info", "Always 1; the herdserver version as a label", labels=["version"])
+        build.add_metric([server.version], 1)
+        yield build
+        yield GaugeMetricFamily(
+            "herd_state_writable",
+            "1 while the state file can be written (or the server keeps no state file); 0: records are not kept",
+            value=1 if server.state_writable else 0,
+        )
         commands = CounterMetricFamily(
             "herd_commands_total", "Commands handled, by command word and result", labels=["command", "result"]
         )
-        for (command, result), n in sorted(command_counts(server.stats).items()):
+        counts = dict.fromkeys(COMMAND_RESULTS, 0)
+        counts.update(command_counts(stats))
+        for (command, result), n in sorted(counts.items()):
             commands.add_metric([command, result], n)
         yield commands
 
@@ -44,13 +86,14 @@ class HerdCollector(Collector):
         yield durations
 
         yield GaugeMetricFamily("herd_records", "Client records held", value=server.records)
-        opened, parked = server.open_connections, server.parked_connections
         connections = GaugeMetricFamily(
-            "herd_connections", "Client connections: open (all), parked (those of them waiting on a watcher)",
+            "herd_connections",
+            "Client connections open (neighbors' links too), by state: active (has its greenlet) or parked"
+            " (waiting on a watcher); the states partition them, so sum() is every open connection",
             labels=["state"],
         )
-        connections.add_metric(["open"], opened)
-        connections.add_metric(["parked"], parked)
+        connections.add_metric(["active"], server.active_connections)
+        connections.add_metric(["parked"], server.parked_connections)
         yield connections
 
         link_up = GaugeMetricFamily("herd_link_up", "1 while the link to the neighbor is up", labels=["neighbor"])
@@ -68,12 +111,9 @@ class HerdCollector(Collector):
             " what differs; full: every record as plain AT lines, to another implementation)",
             labels=["neighbor", "kind"],
         )
-        at_lines = CounterMetricFamily(
-            "herd_at_lines_total",
-            "AT lines sent to each neighbor (out) and received (in; an AT line names no sender, so neighbor is empty)",
-            labels=["direction", "neighbor"],
+        lines_sent = CounterMetricFamily(
+            "herd_link_at_lines_sent_total", "AT lines sent to the neighbor", labels=["neighbor"]
         )
-        at_lines.add_metric(["in", ""], stats.at_received)
         for link in server.links:
             name = link.neighbor
             link_up.add_metric([name], 1 if link.up else 0)
@@ -81,9 +121,16 @@ class HerdCollector(Collector):
             connections_made.add_metric([name], link.connections_made)
             syncs.add_metric([name, "digest"], link.syncs)
             syncs.add_metric([name, "full"], link.full_pushes)
-            at_lines.add_metric(["out", name], link.lines_sent)
-        yield from (link_up, reconnects, connections_made, syncs, at_lines)
+            lines_sent.add_metric([name], link.lines_sent)
+        yield from (link_up, reconnects, connections_made, syncs, lines_sent)
 
+        # Totals by direction only: an AT line names no sender, so "in" has no neighbor to label.
+        at_lines = CounterMetricFamily(
+            "herd_at_lines_total", "AT lines received (in) and sent (out)", labels=["direction"]
+        )
+        at_lines.add_metric(["in"], stats.at_received)
+        at_lines.add_metric(["out"], sum(link.lines_sent for link in server.links))
+        yield at_lines
         at_bytes = CounterMetricFamily("herd_at_bytes_total", "Bytes of AT lines", labels=["direction"])
         at_bytes.add_metric(["in"], stats.at_bytes_in)
         at_bytes.add_metric(["out"], sum(link.bytes_sent for link in server.links))
@@ -92,7 +139,9 @@ class HerdCollector(Collector):
         places = CounterMetricFamily(
             "herd_places_requests_total", "Places calls by provider and status word", labels=["provider", "status"]
         )
-        for (provider, status), n in sorted(stats.places.requests.items()):
+        requests = dict.fromkeys(((server.provider, status) for status in PLACES_STATUSES), 0)
+        requests.update(stats.places.requests)
+        for (provider, status), n in sorted(requests.items()):
             places.add_metric([provider, status], n)
         yield places
         places_seconds = HistogramMetricFamily("herd_places_duration_seconds", "Time a Places call took")

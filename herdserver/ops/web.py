@@ -3,7 +3,7 @@
 Served by ``gevent.pywsgi.WSGIServer`` on ``[server:X] http_port`` in the server's
 own process and hub (no thread). Endpoints:
 
-    /metrics   Prometheus text (metrics.HerdCollector, read at scrape time)
+    /metrics   Prometheus text (metrics.registry: HerdCollector, read at scrape time, and the process's)
     /livez     200 while the process answers
     /readyz    200 when listening, state loaded and a link up (or no neighbors); else 503 and why
     /status    this server as JSON (``ServerStatus.as_json``)
@@ -28,12 +28,12 @@ import gevent
 import requests
 from gevent.pool import Pool
 from gevent.pywsgi import WSGIServer
-from prometheus_client import CollectorRegistry, make_wsgi_app
+from prometheus_client import make_wsgi_app
 
 from ..config import HerdConfig, ServerConfig
 from ..core.status import ServerStatus, as_text
 from ..logs import EventLog
-from .metrics import HerdCollector
+from . import metrics
 
 FETCH_CONNECT_TIMEOUT = 0.3  # seconds: /herd and /client ask every other server ...
 FETCH_READ_TIMEOUT = 0.7
@@ -58,8 +58,7 @@ class HttpFront:
         self.config = config
         self.me = me
         self.lookup = lookup
-        self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(HerdCollector(status))
+        self.registry = metrics.registry(status)
         self._metrics = make_wsgi_app(self.registry)
         self.session = requests.Session()
         # A pool, so stop() ends every handler (an idle keep-alive one too) and requests are bounded.
