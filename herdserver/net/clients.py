@@ -15,6 +15,7 @@ import errno
 import itertools
 import socket
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -25,7 +26,7 @@ from gevent.pool import Group
 from gevent.server import StreamServer
 
 from ..config import Limits
-from ..core.limits import read_deadline
+from ..core.limits import evictable, read_deadline
 from ..core.protocol import LineSplitter, Overlong
 from ..core.trust import canonical_ip
 from ..logs import EventLog
@@ -56,7 +57,8 @@ class _Park(Exception):
 
 
 class _TimedOut(Exception):
-    """A client ran out of time: ``idle_timeout``, ``line_timeout`` or ``write_timeout``."""
+    """A client ran out of time: ``idle_timeout``, ``line_timeout`` or ``write_timeout``;
+    or, the quietest of a full server, it makes room for a newcomer (``evicted``)."""
 
     def __init__(self, reason: str):
         super().__init__(reason)
@@ -113,12 +115,15 @@ class ClientPort:
         self.max_connections = max_connections
         self.per_ip: dict[str, int] = {}
         self.refused = 0
+        self.evicted = 0  # quiet connections closed to make room for a newcomer
         self.dropped_slow = 0
         self.held_back = 0  # times a client that did not read was made to wait
         self.stats = commands.stats
         self.limits = limits
         self.log = log
-        self.connections: dict[int, Connection] = {}
+        # Oldest complete command first (a connection moves to the end on each batch with
+        # a command): the front is what a full server closes to make room.
+        self.connections: OrderedDict[int, Connection] = OrderedDict()
         self._conn_ids = itertools.count(1)
         self.handlers = Group()  # client handlers (parked connections have none)
         self.stopping = False
@@ -154,13 +159,18 @@ class ClientPort:
     def _park(self, sock: socket.socket, address: Any) -> None:
         """A new client (in the hub, from the accept loop): wait for its first bytes.
 
-        Past ``max_connections``, or ``max_connections_per_ip`` from one address, the
-        connection is closed at once (a reset): refused quickly, never left hanging
-        in the accept queue, and the process never runs out of descriptors."""
+        Past ``max_connections_per_ip`` from one address the connection is closed at
+        once (a reset): refused quickly, never left hanging in the accept queue. At
+        ``max_connections`` the connection longest without a complete command is closed
+        to make room (refused only if every connection looked at is being served):
+        the process never runs out of descriptors, and a crowd of quiet sockets from
+        many addresses cannot lock newcomers out."""
         ip = canonical_ip(address[0]) if isinstance(address, tuple) and address else str(address)
-        full = len(self.connections) >= self.max_connections
-        if full or self.per_ip.get(ip, 0) >= self.limits.max_connections_per_ip:
-            self._refuse(sock, ip, "full" if full else "per_ip")
+        if self.per_ip.get(ip, 0) >= self.limits.max_connections_per_ip:
+            self._refuse(sock, ip, "per_ip")
+            return
+        if len(self.connections) >= self.max_connections and not self._make_room(ip):
+            self._refuse(sock, ip, "full")
             return
         conn = Connection(next(self._conn_ids), _format_address(address), sock, last_command=time.monotonic(), ip=ip)
         conn.may_send_at = self.commands.trust.allows_by_address(ip)
@@ -182,6 +192,29 @@ class ClientPort:
         except OSError:
             pass
         sock.close()
+
+    def _make_room(self, newcomer: str) -> bool:
+        """Close the connection longest without a complete command (idle or trickling);
+        False when the connections looked at are all being served."""
+        conn = evictable(self.connections, _evictable)
+        if conn is None:
+            return False
+        self.evicted += 1
+        if self.evicted & (self.evicted - 1) == 0:  # 1, 2, 4, 8 ...: a crowd logs a few lines
+            quiet = time.monotonic() - conn.last_command
+            self.log.warning(
+                "evicted", conn=conn.id, peer=conn.peer, quiet_s="%.1f" % quiet, newcomer=newcomer,
+                evicted_so_far=self.evicted,
+            )  # fmt: skip
+        if conn.watcher is not None:
+            self._unpark(conn)
+            self._close(conn, "evicted")
+        else:
+            assert conn.greenlet is not None
+            # In the hub: the handler, waiting in recv, ends and closes now, before
+            # the newcomer is counted (as _park_now parks one).
+            conn.greenlet.throw(_TimedOut("evicted"))
+        return True
 
     def _deadline(self, conn: Connection) -> tuple[float | None, str]:
         return read_deadline(
@@ -322,6 +355,7 @@ class ClientPort:
             if items:
                 if any(item for item in items):  # blank lines are not commands
                     conn.last_command = now
+                    self.connections.move_to_end(conn.id)  # the last a full server would close
                 conn.busy = True
                 self._answer(sock, items, conn)
                 conn.busy = False
@@ -418,6 +452,14 @@ class _ClientServer(StreamServer):  # type: ignore[misc]  # gevent has no type s
 
     def full(self) -> bool:
         return False
+
+
+def _evictable(conn: Connection) -> bool:
+    """Parked, or waiting in recv: not being served, and closed at once. A neighbor's
+    link is never closed for a client."""
+    if conn.busy or conn.neighbor is not None:
+        return False
+    return conn.watcher is not None or (conn.waiting and conn.greenlet is not None)
 
 
 def _format_address(address: Any) -> str:
