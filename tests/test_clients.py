@@ -7,11 +7,14 @@ import socket
 from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import gevent
 
 from herdserver.config import Limits
 from herdserver.core.limits import evictable
+from herdserver.net.clients import FAST_PER_BATCH
+from herdserver.net.whatsat import DEEP_LANE_CALLS
 
 from .conftest import Herd, LineClient, iamat, wait_until
 from .test_security import client_from
@@ -133,6 +136,35 @@ def test_eviction_races_with_waking_parking_and_serving(make_herd: Callable[...,
     clients = server.clients
     assert sum(clients.per_ip.values()) == len(clients.connections)
     assert set(clients.connections) == {conn.id for conn in clients.connections.values()}
+
+
+# ------------------------------------------------------------------ what a client that never reads holds
+
+
+def test_a_pipeline_never_read_holds_no_queued_places_calls(make_herd: Callable[..., Herd], fake_places: Any) -> None:
+    """Deep WHATSATs wait for a Places slot before they have a greenlet (a stack each):
+    two clients pipelining 40 each hold at most the fast lane's and the deep lane's
+    calls between them, and every answer still comes, in order."""
+    fake_places.latency = 0.02
+    herd = make_herd({"Alford": []})
+    lanes = herd.servers["Alford"].whatsat
+    readers = [herd.client("Alford", timeout=20) for _ in range(2)]
+    for k, reader in enumerate(readers):
+        assert reader.ask(iamat(b"pipe%d" % k)).startswith(b"AT Alford ")
+        reader.send(b"WHATSAT pipe%d 10 %d\n" % (k, 1 + k) * 40)  # ~60 KB of answers: no back-pressure yet
+    most = 0
+
+    def done() -> bool:
+        nonlocal most
+        most = max(most, len(lanes.calls))
+        return len(fake_places.requests) >= 80 and not lanes.calls
+
+    wait_until(done, 20, what="every WHATSAT to be answered")
+    assert 0 < most <= 2 * FAST_PER_BATCH + DEEP_LANE_CALLS
+    assert lanes.deep_lane.counter == DEEP_LANE_CALLS  # every slot given back
+    for reader in readers:
+        for _ in range(40):
+            assert reader.read_whatsat().startswith(b"AT Alford ")
 
 
 # ------------------------------------------------------------------ the pure part

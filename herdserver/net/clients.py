@@ -34,7 +34,9 @@ from .commands import Commands
 from .sockets import RECV_BYTES, send_nowait, unsent
 
 MAX_PIPELINED_WHATSAT = 20  # Places calls in flight for one connection at once
-FAST_PER_BATCH = 4  # WHATSATs of one read that ask Places at once; the rest share whatsat.DEEP_LANE_CALLS
+# WHATSATs of one read that ask Places at once; the rest share whatsat.DEEP_LANE_CALLS, and
+# so does all of the next read of a connection whose last read went past it (a pipeline).
+FAST_PER_BATCH = 4
 REPLY_BUFFER_BYTES = 65536  # replies held for one connection before writing
 # Replies a client has not taken yet, as the kernel's send queue counts them (written,
 # not acknowledged), past which it gets no more Places calls until it reads.
@@ -92,6 +94,7 @@ class Connection:
     may_send_at: bool = False  # by address (trusted, or the herd's without a secret) or by AUTH
     neighbor: str | None = None
     nonces: tuple[bytes, bytes, bytes] | None = None  # the hello's, until AUTH
+    pipelining: bool = False  # its last read with WHATSATs had more than FAST_PER_BATCH
 
     def peer_hello(self) -> None:
         """A neighbor's connection: its sync lines may be longer than a client's."""
@@ -374,8 +377,12 @@ class ClientPort:
         self._log_in(items, conn)
         pending: list[bytes | Greenlet] = []
         in_flight = buffered = calls = 0
+        # A pipeline's later reads go all to the deep lane: a client that pipelines and
+        # never reads then holds no Places call (and its stack) of its own while it
+        # waits, and does not queue ahead of honest WHATSATs for the Places pool.
+        fast = 0 if conn.pipelining else FAST_PER_BATCH
         for item in items:
-            reply = self.commands.handle(item, conn, calls >= FAST_PER_BATCH)
+            reply = self.commands.handle(item, conn, calls >= fast)
             if reply is None:
                 continue
             pending.append(reply)
@@ -396,6 +403,8 @@ class ClientPort:
                 self._wait_read_by_client(sock)
         if pending:
             self._write_replies(sock, pending, conn)
+        if calls:
+            conn.pipelining = calls > FAST_PER_BATCH
         self.commands.persist()  # AT lines get no reply, but are stored all the same
 
     def _wait_read_by_client(self, sock: socket.socket) -> None:
