@@ -19,7 +19,7 @@ import time
 import urllib.request
 from typing import Any
 
-from bench.harness import HOST, BenchError, Herd, Lab, LoadWorker, cpu_seconds, stable_rss_kb
+from bench.harness import HOST, BenchError, Herd, Lab, LoadWorker, cpu_seconds, rss_kb, stable_rss_kb
 from bench.report import Row, Section, Target
 from bench.scenarios.common import JOB_SLACK, QUICK, Context, closed_loop, target
 from herdserver.core.limits import max_connections
@@ -38,13 +38,20 @@ P99_RATIO_LIMIT = 5.0  # issue: honest IAMAT p99 within 5x of the same server un
 KB_PER_CONN_LIMIT = 8.0  # the issue states "bounded by a stated figure"; 8 KB (the idle-connection target) assumed
 KB_SOURCE = f"issue; {KB_PER_CONN_LIMIT:g} KB assumed"
 TRICKLE_EVERY = (2.0, 3.0)  # seconds between a trickler's bytes
+CROWD_SHARE = 90  # the server's max_connections, as a share (%) of the idle + trickling crowd
+NEWCOMERS = 10
+NEWCOMER_SOURCE = "127.0.0.252"
+STUCK_KB_LIMIT = 256  # issue: server memory per client that pipelines WHATSATs and never reads
+STUCK_SECONDS = 10.0  # stuck readers alone: long enough for their Places calls to pile up
 
 
-def herd(lab: Lab) -> Herd:
-    """Target <-> Peer with HTTP sides (metrics), a shared secret and short timeouts."""
+def herd(lab: Lab, slots: int = 0) -> Herd:
+    """Target <-> Peer with HTTP sides (metrics), a shared secret and short timeouts;
+    ``slots``: their ``max_connections`` (0: derived from the descriptor limit)."""
     h = lab.herd("attack", {"Target": ["Peer"], "Peer": []}, http=True)
     text = h.path.read_text().replace("[herd]\n", f"[herd]\nsecret_env = {SECRET_ENV}\n", 1)
-    text += "\n[limits]\n" + "".join(f"{key} = {value}\n" for key, value in LIMITS.items())
+    limits = {**LIMITS, "max_connections": slots}
+    text += "\n[limits]\n" + "".join(f"{key} = {value}\n" for key, value in limits.items())
     h.path.write_text(text)
     return h
 
@@ -65,6 +72,10 @@ def open_conns(m: dict[str, float]) -> int:
     return int(m.get('herd_connections{state="open"}', 0))
 
 
+def evicted(m: dict[str, float]) -> int:
+    return int(m.get("herd_connections_evicted_total", 0))
+
+
 def refused(m: dict[str, float]) -> int:
     return int(m.get("herd_connections_refused_total", 0))
 
@@ -79,6 +90,46 @@ def forged(m: dict[str, float]) -> int:
 
 def whatsats(m: dict[str, float]) -> int:
     return int(m.get('herd_commands_total{command="WHATSAT",result="ok"}', 0))
+
+
+def server_queues(port: int) -> int:
+    """Bytes in the kernel queues (send + receive) of the server's sockets on ``port``:
+    kernel memory, not the process's RSS."""
+    total = 0
+    with open("/proc/net/tcp") as table:
+        next(table)
+        for line in table:
+            fields = line.split()
+            if int(fields[1].split(":")[1], 16) == port and fields[3] == "01":  # ESTABLISHED
+                tx, rx = fields[4].split(":")
+                total += int(tx, 16) + int(rx, 16)
+    return total
+
+
+def stuck_readers(h: Herd, worker: LoadWorker, server: str) -> dict[str, Any]:
+    """``PIPELINERS`` clients pipelining WHATSATs and reading nothing, alone against a server
+    nothing else has loaded yet: the peak of its RSS over them (process memory: queued
+    replies, Places calls in flight, lines read), and apart from it the peak of its
+    sockets' kernel queues. They are dropped at ``write_timeout``; no reconnects."""
+    pid, port = h.pid(server), h.ports[server]
+    rss0 = stable_rss_kb(pid)
+    seconds = STUCK_SECONDS
+    worker.call("pipeline_start", timeout=JOB_SLACK, name="stuck", target=target(port), clients=PIPELINERS,
+                prefix="stuck", source=PIPELINE_SOURCE, duration=seconds, max_reconnects=0)
+    peak, kernel = rss0, 0
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        time.sleep(0.05)  # sampling /proc for the peak: no event says "the most is held now"
+        peak, kernel = max(peak, rss_kb(pid)), max(kernel, server_queues(port))
+    status = worker.call("attack_stop", timeout=JOB_SLACK, name="stuck")
+    return {"rss0_kb": rss0, "peak_kb": peak, "per_reader_kb": (peak - rss0) / PIPELINERS,
+            "kernel_per_reader_kb": kernel / 1024 / PIPELINERS, "seconds": seconds, "pipeliners": status}
+
+
+def honest_whatsat(worker: LoadWorker, port: int, seconds: float, tag: str) -> dict[str, Any]:
+    result: dict[str, Any] = worker.call("honest_whatsat", timeout=seconds + JOB_SLACK, target=target(port),
+                                         client=f"honest-whatsat-{tag}", seconds=seconds, max_requests=100_000)
+    return result
 
 
 def honest(worker: LoadWorker, port: int, seconds: float, tag: str) -> dict[str, Any]:
@@ -132,10 +183,11 @@ def run(ctx: Context) -> Section:
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     cap = max_connections(0, hard, 1, 100)  # the server's own derived max_connections (1 neighbor, pool 100)
     count = min(2_000 if quick else WANTED, (cap - FD_MARGIN) // 100 * 100)
+    slots = count * CROWD_SHARE // 100  # the crowd is more than the server holds: it fills every slot
     os.environ[SECRET_ENV] = "bench-attack-secret-0123456789"
     lab = Lab(ctx.work_dir, "attack", ctx.places_url)
     try:
-        h = herd(lab)
+        h = herd(lab, slots)
         lab.start_servers(h, ["Target", "Peer"])
         port, pid = h.ports["Target"], h.pid("Target")
         targets = [target(h.ports[s]) for s in ("Target", "Peer")]
@@ -147,7 +199,12 @@ def run(ctx: Context) -> Section:
             w.call("hello", timeout=30)
         victim0 = other.call("honest_iamat", timeout=JOB_SLACK, target=target(port), client=VICTIM)["reply"]
 
+        judge = LoadWorker(lab.spawn("honest-whatsat", [sys.executable, "-m", "bench.attack_load"], pipes=True))
+        judge.call("hello", timeout=30)
+        # Stuck readers alone, against Peer (nothing has loaded it yet: no allocator high-water mark)
+        stuck = stuck_readers(h, other, "Peer")
         before = honest(good, port, honest_s, "before")
+        whatsat_before = honest_whatsat(judge, port, honest_s, "before")
         rss_before = stable_rss_kb(pid)
         m0 = metrics(h, "Target")
 
@@ -159,6 +216,8 @@ def run(ctx: Context) -> Section:
                    sources=SOURCES[i * half:(i + 1) * half], trickle_every=2, batch=250, duration=attack_s,
                    every=list(TRICKLE_EVERY), max_reconnects=1_000_000)
         wait_opened(floods, "flood", 90.0)
+        newcomers = other.call("newcomers", timeout=JOB_SLACK, target=target(port), count=NEWCOMERS,
+                               source=NEWCOMER_SOURCE, timeout_s=1.0)
         open_s = time.monotonic() - started
         rss_open = stable_rss_kb(pid)
         m1 = metrics(h, "Target")
@@ -171,6 +230,7 @@ def run(ctx: Context) -> Section:
         time.sleep(2.0)  # the pipeliners' buffers fill
         cpu0, wall0, w0 = cpu_seconds([pid]), time.monotonic(), whatsats(metrics(h, "Target"))
         attacked = honest(good, port, honest_s, "attacked")
+        whatsat_attacked = honest_whatsat(judge, port, honest_s, "attacked")
         cpu_share = (cpu_seconds([pid]) - cpu0) / (time.monotonic() - wall0)
         whatsat_rate = (whatsats(metrics(h, "Target")) - w0) / (time.monotonic() - wall0)
         victim1 = other.call("honest_iamat", timeout=JOB_SLACK, target=target(port), client=VICTIM)["reply"]
@@ -229,6 +289,19 @@ def run(ctx: Context) -> Section:
             Row("  honest p50, floods alone", flood_only["p50_ms"], "ms", base["p50_ms"], unattacked),
             Row("  honest p99, floods alone", flood_only["p99_ms"], "ms", base["p99_ms"], unattacked),
             Row("idle+trickling connections held (server's open count)", held_flood, "conns", count, "asked"),
+            Row("  honest newcomers answered within 1 s, the crowd filling every slot", newcomers["answered"],
+                "clients", newcomers["asked"], "asked",
+                Target(f"{NEWCOMERS} of {NEWCOMERS}", newcomers["answered"] == NEWCOMERS, "issue")),
+            Row("honest WHATSAT p99 under attack", whatsat_attacked["p99_ms"], "ms", whatsat_before["p99_ms"],
+                "unattacked", Target("< 1000 ms", whatsat_attacked["p99_ms"] < 1000, "issue")),
+            Row("  honest WHATSAT p50 under attack", whatsat_attacked["p50_ms"], "ms", whatsat_before["p50_ms"],
+                "unattacked"),
+            Row(f"server RSS, {PIPELINERS} stuck readers alone (peak)", stuck["peak_kb"] / 1024, "MB",
+                stuck["rss0_kb"] / 1024, "unattacked"),
+            Row("RSS growth per stuck reader (process memory)", stuck["per_reader_kb"], "KB", None, "",
+                Target(f"<= {STUCK_KB_LIMIT} KB", stuck["per_reader_kb"] <= STUCK_KB_LIMIT, "issue")),
+            Row("  kernel socket queues per stuck reader (not RSS, not counted)", stuck["kernel_per_reader_kb"],
+                "KB"),
             Row("seconds to open them", open_s, "s"),
             Row("attacking connections held, all attacks", held, "conns"),
             Row("server RSS, all attacks", rss_end / 1024, "MB", rss_before / 1024, "before the attack"),
@@ -240,6 +313,7 @@ def run(ctx: Context) -> Section:
             Row("connections open after the attack (leak check)", open_conns(m4), "conns", open_conns(m0), "before",
                 Target("as before", open_conns(m4) <= open_conns(m0), "issue; no leak")),
             Row("connections refused during the attack", refused(m3) - refused(m0), "conns"),
+            Row("quiet connections evicted for newcomers during the attack", evicted(m3) - evicted(m0), "conns"),
             Row("trickling connections dropped (line_timeout, log)", logs["line_timeout"], "conns"),
             Row("pipeliners dropped for write_timeout (metrics)", dropped_slow(m3) - dropped_slow(m0), "clients"),
             Row("forged AT lines refused (metrics, Target)", forged(m3) - forged(m0), "lines"),
@@ -255,7 +329,16 @@ def run(ctx: Context) -> Section:
         section.notes += [
             f"herd: Target <-> Peer, authenticated link ([herd] secret_env = {SECRET_ENV}); [limits] "
             + ", ".join(f"{k} = {v}" for k, v in LIMITS.items())
-            + f"; max_connections = 0 (derived: {cap} from RLIMIT_NOFILE {hard})",
+            + f"; max_connections = {slots} ({CROWD_SHARE}% of the crowd, so it fills every slot; the derived "
+            f"limit would be {cap} from RLIMIT_NOFILE {hard})",
+            f"newcomers: {NEWCOMERS} connections from {NEWCOMER_SOURCE}, one after another once the crowd is in, "
+            "each one IAMAT with a 1 s deadline",
+            f"honest WHATSAT: 1 client from another process, 'WHATSAT id 10 5' one at a time, {honest_s:g} s before "
+            "the attack and under it",
+            f"stuck readers: {PIPELINERS} pipeliners alone against Peer for {stuck['seconds']:g} s before anything "
+            "else, no reconnects; RSS peak (sampled every 50 ms) less Peer's RSS before, over the readers; the "
+            "kernel's queues of Peer's sockets (send + receive: socket buffers, not process memory) reported apart; "
+            f"pipeliners: {stuck['pipeliners']}",
             f"idle+trickling: {count} (wanted {WANTED}; the server's descriptor hard limit {hard} leaves it {cap} "
             f"clients, less {FD_MARGIN} for the rest of the attack) from {len(SOURCES)} addresses "
             f"{SOURCES[0]}-{SOURCES[-1]}, 2 load processes (RLIMIT_NOFILE raised to the hard limit); every 2nd "
@@ -276,7 +359,8 @@ def run(ctx: Context) -> Section:
             f"victim's first honest record: {victim0}",
         ]
         section.raw = {"before": before, "attacked": attacked, "after": after, "one_address": one_honest,
-                       "flood_only": flood_only,
+                       "flood_only": flood_only, "stuck": stuck, "newcomers": newcomers,
+                       "whatsat": {"before": whatsat_before, "attacked": whatsat_attacked},
                        "rss_kb": {"before": rss_before, "open": rss_open, "end": rss_end, "after": rss_after},
                        "metrics": {"m0": m0, "m1": m1, "m2": m2, "m3": m3, "m4": m4, "m5": m5},
                        "floods": flood_st, "pipe": pipe_st, "forge": forge_st, "logs": logs,
