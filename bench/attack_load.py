@@ -292,6 +292,49 @@ def record_of(targets: list[list[Any]], client: str) -> dict[str, Any]:
 
 
 @job
+def honest_whatsat(target: list[Any], client: str, seconds: float, max_requests: int) -> dict[str, Any]:
+    """One honest client: IAMAT once, then WHATSAT after WHATSAT, each answer read whole
+    before the next is sent, for ``seconds``; latencies in ms."""
+    latencies: list[float] = []
+    with load.connect(target) as sock:
+        reader = Reader(sock)
+        sock.sendall(iamat(client))
+        reader.until(b"\n")
+        line = f"WHATSAT {client} 10 5\n".encode()
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline and len(latencies) < max_requests:
+            started = time.perf_counter()
+            sock.sendall(line)
+            if reader.until(b"\n").startswith(b"? "):
+                raise ValueError("WHATSAT refused")
+            reader.until(b"\n\n")
+            latencies.append(time.perf_counter() - started)
+    return {"count": len(latencies), **load.summary(latencies)}
+
+
+@job
+def newcomers(target: list[Any], count: int, source: str, timeout_s: float) -> dict[str, Any]:
+    """``count`` new connections from ``source``, one after another, each asking one
+    IAMAT: how many were answered within ``timeout_s`` s (a full server that refuses, or
+    leaves them waiting, answers none)."""
+    answered, latencies = 0, []
+    for k in range(count):
+        started = time.perf_counter()
+        try:
+            sock = socket.create_connection((target[0], target[1]), timeout=timeout_s,
+                                            source_address=(loopback(source), 0))
+            with sock:
+                sock.settimeout(timeout_s)
+                sock.sendall(iamat(f"newcomer-{k}"))
+                if Reader(sock).until(b"\n").startswith(b"AT "):
+                    answered += 1
+                    latencies.append(time.perf_counter() - started)
+        except (OSError, EOFError):
+            pass  # refused, reset or timed out: not answered
+    return {"asked": count, "answered": answered, **load.summary(latencies)}
+
+
+@job
 def honest_iamat(target: list[Any], client: str) -> dict[str, Any]:
     with load.connect(target) as sock:
         sock.sendall(iamat(client))

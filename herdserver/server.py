@@ -284,6 +284,7 @@ class HerdServer:
             links=tuple(link.state() for link in self.links.values()),
             stats=self.stats,
             refused=self.clients.refused,
+            evicted=self.clients.evicted,
             dropped_slow=self.clients.dropped_slow,
             log_lines=self.log.lines_written,
             log_lines_dropped=self.log.lines_dropped,

@@ -91,6 +91,7 @@ def test_metrics_count_commands_links_places_and_logs(triangle: Herd) -> None:
     assert value(s, "herd_dropped_lines_total", reason="future") == 0
     assert value(s, "herd_dropped_lines_total", reason="forged") == 0
     assert value(s, "herd_connections_refused_total") == 0
+    assert value(s, "herd_connections_evicted_total") == 0
     assert value(s, "herd_clients_dropped_slow_total") == 0
     assert value(s, "herd_log_lines_total") > 5
     assert value(s, "herd_log_lines_dropped_total") == 0

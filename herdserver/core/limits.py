@@ -4,9 +4,20 @@ Every client is a file descriptor. A server that accepts until ``accept()``
 fails with EMFILE can no longer open a link, a log or its state file, and
 stops answering anyone; so ``max_connections`` is derived from the
 descriptor limit, less what the server itself needs, unless set lower.
+
+A full server makes room rather than refuse: the connection longest without a
+complete command goes (``evictable``), so a crowd of do-nothing sockets from
+many addresses cannot lock honest newcomers out.
 """
 
 from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import TypeVar
+
+K = TypeVar("K")
+V = TypeVar("V")
 
 # Descriptors a server needs besides its clients: the listener, the HTTP port,
 # epoll, the hub's wake pipes and threadpool, stdio, the log, the state file and
@@ -46,3 +57,27 @@ def read_deadline(
         return None, ""
     when, reason = min(deadlines)
     return max(0.0, when - now), reason
+
+
+# Entries ``evictable`` looks at, at most, for one newcomer: bounded work per accept
+# even when the oldest entries are all being served.
+EVICT_SCAN = 32
+
+
+def evictable(order: OrderedDict[K, V], candidate: Callable[[V], bool], scan: int = EVICT_SCAN) -> V | None:
+    """The value that has gone longest untouched and may be closed, or None.
+
+    ``order`` holds the connections oldest first: the caller moves an entry to the
+    end (``move_to_end``, O(1)) whenever it completes a command, so the front is the
+    longest quiet. Entries that are not candidates (being served) are moved to the
+    end as they are met: the next newcomer does not look at them again until every
+    other entry has been looked at, so each accept costs O(1) amortized, and never
+    more than ``scan`` steps. (A connection being served counts as active.)
+    """
+    for _ in range(min(scan, len(order))):
+        key = next(iter(order))
+        value = order[key]
+        if candidate(value):
+            return value
+        order.move_to_end(key)
+    return None

@@ -89,7 +89,8 @@ class ServerStatus:
     parked_connections: int
     links: tuple[LinkState, ...]
     stats: Stats
-    refused: int  # client connections refused (full, or too many from one address)
+    refused: int  # client connections refused (full of busy ones, or too many from one address)
+    evicted: int  # quiet client connections closed to make room for a newcomer
     dropped_slow: int  # clients dropped for leaving replies unread
     log_lines: int
     log_lines_dropped: int

@@ -15,6 +15,7 @@ import errno
 import itertools
 import socket
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -25,7 +26,7 @@ from gevent.pool import Group
 from gevent.server import StreamServer
 
 from ..config import Limits
-from ..core.limits import read_deadline
+from ..core.limits import evictable, read_deadline
 from ..core.protocol import LineSplitter, Overlong
 from ..core.trust import canonical_ip
 from ..logs import EventLog
@@ -33,7 +34,9 @@ from .commands import Commands
 from .sockets import RECV_BYTES, send_nowait, unsent
 
 MAX_PIPELINED_WHATSAT = 20  # Places calls in flight for one connection at once
-FAST_PER_BATCH = 4  # WHATSATs of one read that ask Places at once; the rest share whatsat.DEEP_LANE_CALLS
+# WHATSATs of one read that ask Places at once; the rest share whatsat.DEEP_LANE_CALLS, and
+# so does all of the next read of a connection whose last read went past it (a pipeline).
+FAST_PER_BATCH = 4
 REPLY_BUFFER_BYTES = 65536  # replies held for one connection before writing
 # Replies a client has not taken yet, as the kernel's send queue counts them (written,
 # not acknowledged), past which it gets no more Places calls until it reads.
@@ -60,15 +63,12 @@ class _Park(Exception):
 
 
 class _Done(Exception):
-    """The server ends this connection, for ``reason``."""
+    """The server ends this connection, for ``reason``: a timeout, ``close_after_reply``,
+    or, the quietest of a full server, it makes room for a newcomer (``evicted``)."""
 
     def __init__(self, reason: str):
         super().__init__(reason)
         self.reason = reason
-
-
-class _TimedOut(_Done):
-    """A client ran out of time: ``idle_timeout``, ``line_timeout`` or ``write_timeout``."""
 
 
 @dataclass(slots=True, eq=False)
@@ -95,6 +95,7 @@ class Connection:
     line_started: float | None = None  # when the unfinished line's first byte came (line timeout)
     ip: str = ""
     may_send_at: bool = False  # a foreign neighbor's address, or one in [peers] trusted
+    pipelining: bool = False  # its last read with WHATSATs had more than FAST_PER_BATCH
 
 
 class ClientPort:
@@ -113,12 +114,15 @@ class ClientPort:
         self.max_connections = max_connections
         self.per_ip: dict[str, int] = {}
         self.refused = 0
+        self.evicted = 0  # quiet connections closed to make room for a newcomer
         self.dropped_slow = 0
         self.held_back = 0  # times a client that did not read was made to wait
         self.stats = commands.stats
         self.limits = limits
         self.log = log
-        self.connections: dict[int, Connection] = {}
+        # Oldest complete command first (a connection moves to the end on each batch with
+        # a command): the front is what a full server closes to make room.
+        self.connections: OrderedDict[int, Connection] = OrderedDict()
         self._conn_ids = itertools.count(1)
         self.handlers = Group()  # client handlers (parked connections have none)
         self.stopping = False
@@ -154,13 +158,18 @@ class ClientPort:
     def _park(self, sock: socket.socket, address: Any) -> None:
         """A new client (in the hub, from the accept loop): wait for its first bytes.
 
-        Past ``max_connections``, or ``max_connections_per_ip`` from one address, the
-        connection is closed at once (a reset): refused quickly, never left hanging
-        in the accept queue, and the process never runs out of descriptors."""
+        Past ``max_connections_per_ip`` from one address the connection is closed at
+        once (a reset): refused quickly, never left hanging in the accept queue. At
+        ``max_connections`` the connection longest without a complete command is closed
+        to make room (refused only if every connection looked at is being served):
+        the process never runs out of descriptors, and a crowd of quiet sockets from
+        many addresses cannot lock newcomers out."""
         ip = canonical_ip(address[0]) if isinstance(address, tuple) and address else str(address)
-        full = len(self.connections) >= self.max_connections
-        if full or self.per_ip.get(ip, 0) >= self.limits.max_connections_per_ip:
-            self._refuse(sock, ip, "full" if full else "per_ip")
+        if self.per_ip.get(ip, 0) >= self.limits.max_connections_per_ip:
+            self._refuse(sock, ip, "per_ip")
+            return
+        if len(self.connections) >= self.max_connections and not self._make_room(ip):
+            self._refuse(sock, ip, "full")
             return
         conn = Connection(next(self._conn_ids), _format_address(address), sock, last_command=time.monotonic(), ip=ip)
         conn.may_send_at = self.commands.trust.allows_by_address(ip)
@@ -182,6 +191,29 @@ class ClientPort:
         except OSError:
             pass
         sock.close()
+
+    def _make_room(self, newcomer: str) -> bool:
+        """Close the connection longest without a complete command (idle or trickling);
+        False when the connections looked at are all being served."""
+        conn = evictable(self.connections, _evictable)
+        if conn is None:
+            return False
+        self.evicted += 1
+        if self.evicted & (self.evicted - 1) == 0:  # 1, 2, 4, 8 ...: a crowd logs a few lines
+            quiet = time.monotonic() - conn.last_command
+            self.log.warning(
+                "evicted", conn=conn.id, peer=conn.peer, quiet_s="%.1f" % quiet, newcomer=newcomer,
+                evicted_so_far=self.evicted,
+            )  # fmt: skip
+        if conn.watcher is not None:
+            self._unpark(conn)
+            self._close(conn, "evicted")
+        else:
+            assert conn.greenlet is not None
+            # In the hub: the handler, waiting in recv, ends and closes now, before
+            # the newcomer is counted (as _park_now parks one).
+            conn.greenlet.throw(_Done("evicted"))
+        return True
 
     def _deadline(self, conn: Connection) -> tuple[float | None, str]:
         return read_deadline(
@@ -262,7 +294,7 @@ class ClientPort:
 
     def _time_out_now(self, conn: Connection, reason: str) -> None:
         if conn.waiting and conn.greenlet is not None and not self.stopping:
-            conn.greenlet.throw(_TimedOut(reason))
+            conn.greenlet.throw(_Done(reason))
 
     # -- one connection ------------------------------------------------------------------
 
@@ -322,6 +354,7 @@ class ClientPort:
             if items:
                 if any(item for item in items):  # blank lines are not commands
                     conn.last_command = now
+                    self.connections.move_to_end(conn.id)  # the last a full server would close
                 conn.busy = True
                 replied = self._answer(sock, items, conn)
                 conn.busy = False
@@ -356,8 +389,12 @@ class ClientPort:
         pending: list[bytes | Greenlet] = []
         in_flight = buffered = calls = 0
         replied = False
+        # A pipeline's later reads go all to the deep lane: a client that pipelines and
+        # never reads then holds no Places call (and its stack) of its own while it
+        # waits, and does not queue ahead of honest WHATSATs for the Places pool.
+        fast = 0 if conn.pipelining else FAST_PER_BATCH
         for item in items:
-            reply = self.commands.handle(item, conn, calls >= FAST_PER_BATCH)
+            reply = self.commands.handle(item, conn, calls >= fast)
             if reply is None:
                 continue
             pending.append(reply)
@@ -379,6 +416,8 @@ class ClientPort:
                 self._wait_read_by_client(sock)
         if pending:
             self._write_replies(sock, pending, conn)
+        if calls:
+            conn.pipelining = calls > FAST_PER_BATCH
         self.commands.persist()  # AT lines get no reply, but are stored all the same
         return replied
 
@@ -389,7 +428,7 @@ class ClientPort:
         deadline = time.monotonic() + self.limits.write_timeout
         while unsent(sock) > UNREAD_BOUND // 2:
             if time.monotonic() > deadline:
-                raise _TimedOut("write_timeout")
+                raise _Done("write_timeout")
             gevent.sleep(DRAIN_POLL_SECONDS)  # no event says "the peer acknowledged": look again
 
     def _log_in(self, items: list[bytes | Overlong], conn: Connection) -> None:
@@ -414,7 +453,7 @@ class ClientPort:
         data = b"".join(replies)
         sent = send_nowait(sock, data)  # nearly always all of it, and no timer to arm
         if sent < len(data):
-            with gevent.Timeout(self.limits.write_timeout, _TimedOut("write_timeout")):
+            with gevent.Timeout(self.limits.write_timeout, _Done("write_timeout")):
                 sock.sendall(memoryview(data)[sent:])
         self.log.replies(conn.id, replies)  # a WHATSAT's JSON is logged whole only at DEBUG
 
@@ -436,6 +475,14 @@ class _ClientServer(StreamServer):  # type: ignore[misc]  # gevent has no type s
 
     def full(self) -> bool:
         return False
+
+
+def _evictable(conn: Connection) -> bool:
+    """Parked, or waiting in recv: not being served, and closed at once (neighbors'
+    links are on the herd port: every connection here is a client's)."""
+    if conn.busy:
+        return False
+    return conn.watcher is not None or (conn.waiting and conn.greenlet is not None)
 
 
 def _format_address(address: Any) -> str:

@@ -162,8 +162,14 @@ class HerdCollector(Collector):
         dropped.add_metric(["overlong"], stats.overlong)
         yield dropped
         yield CounterMetricFamily(
-            "herd_connections_refused_total", "Client connections refused (server full, or too many from one address)",
+            "herd_connections_refused_total",
+            "Client connections refused (server full of connections being served, or too many from one address)",
             value=server.refused,
+        )
+        yield CounterMetricFamily(
+            "herd_connections_evicted_total",
+            "Quiet client connections (longest without a complete command) closed to make room for a newcomer",
+            value=server.evicted,
         )
         yield CounterMetricFamily(
             "herd_clients_dropped_slow_total", "Clients dropped for leaving replies unread past write_timeout",
