@@ -10,6 +10,7 @@ from bench.scenarios import (
     compare,
     connections,
     durability,
+    http_crowd,
     iamat,
     metrics,
     propagation,
@@ -34,4 +35,5 @@ SCENARIOS: dict[str, Callable[[Context], Section]] = {
     "reconcile": reconcile.run,
     "state-load": state_load.run,
     "attack": attack.run,
+    "http-crowd": http_crowd.run,
 }
