@@ -133,8 +133,8 @@ def run(ctx: Context) -> Section:
         floods_after = stable_rss_kb(pid)
 
         memory_herd = http_herd(lab, "memory", {"head_timeout": 60})
+        idle = held_cost(attackers, memory_herd, "idle", 0, 0)  # first: memory the fat heads freed would mask it
         fat = held_cost(attackers, memory_herd, "fat", 1, 31_000)
-        idle = held_cost(attackers, memory_herd, "idle", 0, 0)
         lab.stop_servers(crowd_herd)
         lab.stop_servers(memory_herd)
 
