@@ -77,6 +77,17 @@ def effective_provider(settings: PlacesSettings, environ: Mapping[str, str]) -> 
     return "google" if environ.get(settings.api_key_env) else "offline"
 
 
+@dataclass(frozen=True)
+class HttpSettings:
+    """Bounds on each server's HTTP side (metrics, health, the page): nobody can hold it."""
+
+    head_timeout: float = 5.0  # seconds to wait for a request's line and headers (keep-alive idle included)
+    max_head_bytes: int = 32768  # request line + headers; beyond: 431 and the connection closed
+    max_connections: int = 256  # open at once; at the cap the oldest idle one makes room for a new one
+    max_connections_per_ip: int = 32  # beyond: a new connection from that address is closed at once
+    max_requests: int = 64  # requests served at once (/livez and /readyz never wait for one of these)
+
+
 HTTP_PORT_OFFSET = 1000  # the default http_port: the client port + 1000
 HERD_PORT_OFFSET = 2000  # the default herd_port: the client port + 2000
 NO_SECRET = "-"  # secret_file = - : links run unauthenticated (warned about at start)
@@ -133,6 +144,7 @@ class HerdConfig:
     limits: Limits = field(default_factory=Limits)
     peers: PeerSettings = field(default_factory=PeerSettings)
     places: PlacesSettings = field(default_factory=PlacesSettings)
+    http: HttpSettings = field(default_factory=HttpSettings)
 
     def server(self, name: str) -> ServerConfig:
         if name not in self.servers:
@@ -162,6 +174,7 @@ FSYNC_MODES = ("interval", "always", "never")
 NO_STATE = "-"  # state_dir = - : a memory-only herd
 _PLACES_KEYS = {"provider", "api_key_env", "base_url", "timeout", "connect_timeout", "pool_size", "field_mask"}
 _SERVER_KEYS = {"port", "neighbors", "host", "http_port", "herd_port", "foreign"}
+_HTTP_KEYS = {"head_timeout", "max_head_bytes", "max_connections", "max_connections_per_ip", "max_requests"}
 LOG_STDOUT = "-"  # [herd] log_dir = - : every server logs to its standard output
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
@@ -374,10 +387,11 @@ def load(path: str | os.PathLike[str]) -> HerdConfig:
     except configparser.Error as exc:
         raise _parse_error(path, exc) from None
     reader = _Reader(path, parser)
-    known = {"herd", "places", "limits", "peers"}
+    known = {"herd", "places", "limits", "peers", "http"}
     for section in parser.sections():
         if section not in known and not section.startswith("server:"):
-            raise reader.error(section, None, "unknown section (expected herd, places, limits, peers or server:NAME)")
+            expected = "herd, places, limits, peers, http or server:NAME"
+            raise reader.error(section, None, f"unknown section (expected {expected})")
     if parser.has_section("herd"):
         reader.check_keys("herd", _HERD_KEYS)
     default_host = _check_host(reader, "herd", "host", reader.get("herd", "host", str, "127.0.0.1", "a host"))
@@ -405,6 +419,7 @@ def load(path: str | os.PathLike[str]) -> HerdConfig:
         limits=_read_limits(reader),
         peers=_read_peers(reader),
         places=_read_places(reader),
+        http=_read_http(reader),
     )
 
 
@@ -583,3 +598,20 @@ def describe(config: HerdConfig) -> str:
     count = len(config.servers)
     parts = [f"{count} server{'s' * (count != 1)}", f"{len(links)} link{'s' * (len(links) != 1)}"]
     return ", ".join(parts + [f"{key} {_ranges(ports)}" for key, ports in by_key.items()])
+def _read_http(reader: _Reader) -> HttpSettings:
+    if reader.parser.has_section("http"):
+        reader.check_keys("http", _HTTP_KEYS)
+    d = HttpSettings()
+    settings = HttpSettings(
+        head_timeout=reader.number("http", "head_timeout", d.head_timeout, minimum=0.001),
+        # 1024 at least: a browser's ordinary request head must fit.
+        max_head_bytes=reader.integer("http", "max_head_bytes", d.max_head_bytes, 1024, 1 << 20),
+        max_connections=reader.integer("http", "max_connections", d.max_connections, 1, 100_000),
+        max_connections_per_ip=reader.integer(
+            "http", "max_connections_per_ip", d.max_connections_per_ip, 1, 100_000
+        ),
+        max_requests=reader.integer("http", "max_requests", d.max_requests, 1, 10_000),
+    )
+    if settings.max_requests > settings.max_connections:
+        raise reader.error("http", "max_requests", "must not be more than max_connections")
+    return settings

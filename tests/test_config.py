@@ -8,7 +8,15 @@ from pathlib import Path
 import pytest
 
 from herdserver import config
-from herdserver.config import ConfigError, Limits, PeerSettings, PlacesSettings, ServerConfig, effective_provider
+from herdserver.config import (
+    ConfigError,
+    HttpSettings,
+    Limits,
+    PeerSettings,
+    PlacesSettings,
+    ServerConfig,
+    effective_provider,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -141,6 +149,11 @@ port = 13003
         (TWO + "[places]\napikey = secret\n", "[places] apikey", "unknown key"),
         (TWO + "[limits]\nmax_line = 10\n", "[limits] max_line", "unknown key"),
         (TWO + "[peers]\nbackoff = 1\n", "[peers] backoff", "unknown key"),
+        (TWO + "[http]\nmax_heads = 1\n", "[http] max_heads", "unknown key"),
+        (TWO + "[http]\nhead_timeout = 0\n", "[http] head_timeout", "must be at least 0.001"),
+        (TWO + "[http]\nmax_head_bytes = 100\n", "[http] max_head_bytes", "must be between 1024 and 1048576"),
+        (TWO + "[http]\nmax_connections_per_ip = 0\n", "[http] max_connections_per_ip", "must be between 1"),
+        (TWO + "[http]\nmax_connections = 8\n", "[http] max_requests", "must not be more than max_connections"),
         (TWO + "[places]\nprovider = bing\n", "[places] provider", "'bing' is not one of auto, offline, google"),
         (TWO + "[places]\nbase_url = ftp://x\n", "[places] base_url", "'ftp://x' must be empty or scheme://host"),
         (TWO + "[places]\nbase_url = localhost:8080\n", "[places] base_url", "'localhost:8080' must be empty"),
@@ -182,7 +195,7 @@ def test_errors_name_file_section_and_key(tmp_path: Path, text: str, where: str,
 )
 def test_unknown_section(tmp_path: Path, text: str, where: str) -> None:
     path, message = error(tmp_path, text)
-    assert message == f"{path}: {where}: unknown section (expected herd, places, limits, peers or server:NAME)"
+    assert message == f"{path}: {where}: unknown section (expected herd, places, limits, peers, http or server:NAME)"
 
 
 def test_bad_server_name(tmp_path: Path) -> None:
@@ -268,6 +281,7 @@ def test_defaults_when_sections_are_missing(tmp_path: Path) -> None:
     assert cfg.log_dir == str(tmp_path / "logs")
     assert cfg.places == PlacesSettings()
     assert cfg.limits == Limits()
+    assert cfg.http == HttpSettings()
 
 
 def test_other_settings_are_read(tmp_path: Path) -> None:
@@ -275,6 +289,8 @@ def test_other_settings_are_read(tmp_path: Path) -> None:
         "[places]\nprovider = Google-Legacy\nbase_url = http://127.0.0.1:8080/\npool_size = 7\n"
         "[limits]\nmax_line_bytes = 512\nidle_timeout = 1.5\n"
         "[peers]\nbackoff_initial = 0.5\nbackoff_max = 0.5\n"
+        "[http]\nhead_timeout = 2.5\nmax_head_bytes = 4096\nmax_connections = 10\nmax_connections_per_ip = 3\n"
+        "max_requests = 10\n"
     )
     cfg = config.load(write(tmp_path, text))
     assert cfg.places.provider == "google-legacy"
@@ -282,6 +298,7 @@ def test_other_settings_are_read(tmp_path: Path) -> None:
     assert cfg.places.pool_size == 7
     assert cfg.limits == Limits(max_line_bytes=512, idle_timeout=1.5)
     assert (cfg.peers.backoff_initial, cfg.peers.backoff_max) == (0.5, 0.5)
+    assert cfg.http == HttpSettings(2.5, 4096, 10, 3, 10)
 
 
 @pytest.mark.parametrize(

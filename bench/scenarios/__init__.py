@@ -11,6 +11,7 @@ from bench.scenarios import (
     connections,
     durability,
     herd,
+    http_crowd,
     iamat,
     metrics,
     offline,
@@ -38,4 +39,5 @@ SCENARIOS: dict[str, Callable[[Context], Section]] = {
     "state-load": state_load.run,
     "attack": attack.run,
     "herd": herd.run,
+    "http-crowd": http_crowd.run,
 }

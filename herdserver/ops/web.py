@@ -11,6 +11,10 @@ own process and hub (no thread). Endpoints:
     /client    ?id=CLIENT: the AT line each server holds for it (``&scope=local``: this server's only)
     /          the herd page (herd_page.html: inline CSS and JS, no CDN)
 
+The server in front of the app (``httplimits.GatedServer``) bounds what a client
+can hold: a deadline and a byte cap on each request head, connection caps, a
+fixed number of requests served at once; see its docstring and ``[http]``.
+
 Everything it says comes from a ``ServerStatus`` snapshot (``status`` callable),
 the herd's configuration and a record lookup, all handed to it: never the server.
 """
@@ -26,19 +30,18 @@ from urllib.parse import parse_qs, quote
 
 import gevent
 import requests
-from gevent.pool import Pool
-from gevent.pywsgi import WSGIServer
 from prometheus_client import make_wsgi_app
 
 from ..config import HerdConfig, ServerConfig
 from ..core.status import ServerStatus, as_text
 from ..logs import EventLog
 from . import metrics
+from .httplimits import GatedServer
 
 FETCH_CONNECT_TIMEOUT = 0.3  # seconds: /herd and /client ask every other server ...
 FETCH_READ_TIMEOUT = 0.7
 FETCH_DEADLINE = 1.5  # ... and give up on all of them together after this long
-MAX_REQUESTS = 64  # HTTP requests handled at once (more wait in the accept queue)
+ID_WHITESPACE = b" \t\n\r\f\v"  # what splits a protocol line into words (bytes.split()): nothing else
 
 StartResponse = Callable[..., Any]
 
@@ -61,10 +64,7 @@ class HttpFront:
         self.registry = metrics.registry(status)
         self._metrics = make_wsgi_app(self.registry)
         self.session = requests.Session()
-        # A pool, so stop() ends every handler (an idle keep-alive one too) and requests are bounded.
-        self.wsgi = WSGIServer(
-            (me.host, me.http_port), self.app, spawn=Pool(MAX_REQUESTS), log=None, error_log=_ErrorLog(log)
-        )
+        self.wsgi = GatedServer((me.host, me.http_port), self.app, config.http, log)
         self.routes: dict[str, Callable[[dict[str, Any], StartResponse], Iterable[bytes]]] = {
             "/metrics": self._metrics,
             "/livez": self._livez,
@@ -115,7 +115,7 @@ class HttpFront:
     def _client(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         query = parse_qs(environ.get("QUERY_STRING", ""), encoding="utf-8", errors="surrogateescape")
         client = (query.get("id") or [""])[0]
-        if not client or any(c.isspace() for c in client):
+        if not is_one_word(client):
             return _reply(start_response, "400 Bad Request", b"?id=CLIENT (one word) is required\n")
         if (query.get("scope") or [""])[0] == "local":
             return _json(start_response, {"server": self.me.name, "at": self.local_record(client)})
@@ -153,7 +153,7 @@ class HttpFront:
             elif not config.http_port:
                 answers[name] = {"name": name, "error": "no http_port"}
             else:
-                jobs[name] = gevent.spawn(self._fetch, config.http_url(path))
+                jobs[name] = gevent.spawn(self._fetch, name, config.http_url(path))
         gevent.joinall(list(jobs.values()), timeout=FETCH_DEADLINE)
         for name, job in jobs.items():
             if job.successful():
@@ -164,25 +164,25 @@ class HttpFront:
                 answers[name] = {"name": name, "error": _describe(error)}
         return {name: answers[name] for name in sorted(answers)}
 
-    def _fetch(self, url: str) -> dict[str, Any]:
-        response = self.session.get(url, timeout=(FETCH_CONNECT_TIMEOUT, FETCH_READ_TIMEOUT))
-        response.raise_for_status()
-        answer: dict[str, Any] = response.json()
+    def _fetch(self, name: str, url: str) -> dict[str, Any]:
+        """Another server's answer, or why there is none: a greenlet that raised would have
+        the hub print its traceback on stderr, once per unreachable server per /herd."""
+        try:
+            response = self.session.get(url, timeout=(FETCH_CONNECT_TIMEOUT, FETCH_READ_TIMEOUT))
+            response.raise_for_status()
+            answer = response.json()
+        except Exception as exc:  # whatever went wrong (connection, status, JSON) is the answer
+            return {"name": name, "error": _describe(exc)}
+        if not isinstance(answer, dict):
+            return {"name": name, "error": "not a JSON object"}
         return answer
 
 
-class _ErrorLog:
-    """pywsgi's error log (tracebacks of a failing request) into the server's own log."""
-
-    def __init__(self, log: EventLog):
-        self.log = log
-
-    def write(self, text: str) -> None:
-        if text.strip():
-            self.log.warning("http_error", message=text.strip())
-
-    def flush(self) -> None:
-        pass
+def is_one_word(client: str) -> bool:
+    """A client id as the line protocol takes it: one word split on the six ASCII
+    white-space bytes only (U+00A0 or U+2028 are part of a word there, so here too)."""
+    raw = client.encode("utf-8", "surrogateescape")
+    return bool(raw) and not any(byte in ID_WHITESPACE for byte in raw)
 
 
 def _reply(
@@ -207,6 +207,8 @@ def _describe(error: object) -> str:
         return "unreachable (connection failed)"
     if isinstance(error, requests.Timeout):
         return "no answer in time"
+    if isinstance(error, requests.HTTPError) and error.response is not None:
+        return f"answered {error.response.status_code}"
     return f"{type(error).__name__}: {error}" if isinstance(error, BaseException) else str(error)
 
 
