@@ -138,7 +138,7 @@ def load_average() -> str:
 def speed_probe(lines: int = 20_000) -> float:
     """Microseconds per ``protocol.parse`` of an IAMAT line, best of 3: how fast this
     (shared, virtual) machine runs Python right now, to compare runs by."""
-    from herdserver import protocol  # the bench runs from the repository root
+    from herdserver.core import protocol  # the bench runs from the repository root
 
     line = b"IAMAT kiwi.cs.ucla.edu +34.068930-118.445127 1795543228.716537891"
     best = float("inf")

@@ -102,26 +102,29 @@ def encode(time_ns: int, line: bytes) -> bytes:
 
 # The common record line in one match: a canonical AT line as this code writes it.
 # Only a fast path: everything it accepts the protocol's parser accepts too, and a
-# line it rejects is decided by that parser (``_decode_slowly``).
-_RECORD = re.compile(
-    rb"([0-9a-f]{8}) [0-9]{1,30} (AT ([\x21-\x7e]+) [+-][0-9]{1,11}\.[0-9]{9} ([\x21-\x7e]+)"
+# line it rejects is decided by that parser (``_decode_slowly``). Groups: CRC, the
+# body it covers, the time field, the AT line, its server, its client.
+_PATTERN = (
+    rb"([0-9a-f]{8}) (([0-9]{1,30}) (AT ([\x21-\x7e]+) [+-][0-9]{1,11}\.[0-9]{9} ([\x21-\x7e]+)"
     rb" [+-](?:[0-8]?[0-9](?:\.[0-9]+)?|90(?:\.0+)?)[+-](?:(?:1[0-7][0-9]|[0-9]{1,2})(?:\.[0-9]+)?|180(?:\.0+)?)"
-    rb" ([0-9]{1,11})(?:\.([0-9]{1,18}))?)"
+    rb" [0-9]{1,11}(?:\.[0-9]{1,18})?))"
 )
+_RECORD = re.compile(_PATTERN)
+_RECORDS = re.compile(rb"^" + _PATTERN + rb"$", re.MULTILINE)  # every such line of a chunk in one call
 
 
 def decode(raw: bytes, servers: frozenset[bytes] | None = None) -> tuple[bytes, int, bytes] | None:
     """(client, time_ns, AT line) of one record line (without its newline), or None
     if it is corrupt: a CRC that does not match, or (a hand edit with a right CRC)
     an AT line that does not parse or names a server not in ``servers`` (None: any).
-    The time is the AT line's own, so the store's order and the line always agree."""
+    The CRC covers the time field and the line: the time is read from the former."""
     match = _RECORD.fullmatch(raw)
     if match is None:
         return _decode_slowly(raw, servers)
-    crc, line, server, client, seconds, fraction = match.groups()
-    if zlib.crc32(raw[9:]) != int(crc, 16) or (servers is not None and server not in servers):
+    crc, body, time_ns, line, server, client = match.groups()
+    if zlib.crc32(body) != int(crc, 16) or (servers is not None and server not in servers):
         return None
-    return client, int(seconds + (fraction or b"")[:9].ljust(9, b"0")), line
+    return client, int(time_ns), line
 
 
 def _decode_slowly(raw: bytes, servers: frozenset[bytes] | None) -> tuple[bytes, int, bytes] | None:
@@ -131,13 +134,26 @@ def _decode_slowly(raw: bytes, servers: frozenset[bytes] | None) -> tuple[bytes,
     try:
         if raw[8:9] != b" " or zlib.crc32(body) != int(raw[:8], 16):
             return None
-        line = body[body.index(b" ") + 1 :]
+        space = body.index(b" ")
+        time_ns, line = int(body[:space]), body[space + 1 :]
     except ValueError:
         return None
     record = parse_at_line(line)
     if record is None or record.line != line or (servers is not None and record.server not in servers):
         return None
-    return record.client, record.time_ns, line
+    return record.client, time_ns, line
+
+
+def _decode_chunk(data: bytes, lines: int, servers: frozenset[bytes] | None) -> list[tuple[bytes, int, bytes]] | None:
+    """Every record of ``data`` (``lines`` whole lines) in one regex call, or None
+    unless each line is a good record in the common form (then: line by line)."""
+    crc = zlib.crc32
+    good = [
+        (client, int(time_ns), line)
+        for check, body, time_ns, line, server, client in _RECORDS.findall(data)
+        if crc(body) == int(check, 16) and (servers is None or server in servers)
+    ]
+    return good if len(good) == lines else None
 
 
 def read_records(
@@ -173,17 +189,16 @@ def _scan(
             report.overlong += 1
             report.bad(number)
             skipping, chunk = -1, chunk[end + 1 :]
-        lines = (rest + chunk).split(b"\n") if rest else chunk.split(b"\n")
-        rest = lines.pop()
+        data = rest + chunk if rest else chunk
+        end = data.rfind(b"\n") + 1
+        data, rest = data[:end], data[end:]
         if len(rest) > max_line:
             skipping, rest = handle.tell() - len(rest), b""
-        good = [decoded for raw in lines if len(raw) <= max_line and (decoded := decode(raw, servers)) is not None]
-        if len(good) < len(lines):  # rare: find which, for the report
-            for offset, raw in enumerate(lines):
-                if raw and (len(raw) > max_line or decode(raw, servers) is None):
-                    report.overlong += len(raw) > max_line
-                    report.bad(number + offset + 1)
-        number += len(lines)
+        count = data.count(b"\n")
+        good = _decode_chunk(data, count, servers)
+        if good is None:  # rare: a line in another form, a blank or a bad one
+            good = _decode_lines(data, number, report, servers, max_line)
+        number += count
         report.records += len(good)
         yield from good
     if skipping >= 0:  # an over-long line with no newline: a torn tail like any other
@@ -191,6 +206,21 @@ def _scan(
     else:
         report.intact_bytes = handle.tell() - len(rest)
         report.torn_tail = bool(rest)  # no newline: the write was cut short (power loss, disk full)
+
+
+def _decode_lines(
+    data: bytes, number: int, report: ReplayReport, servers: frozenset[bytes] | None, max_line: int
+) -> list[tuple[bytes, int, bytes]]:
+    """``_decode_chunk`` line by line, reporting the bad ones (``number``: the line before ``data``)."""
+    good = []
+    for offset, raw in enumerate(data.split(b"\n")[:-1], number + 1):
+        decoded = decode(raw, servers) if raw and len(raw) <= max_line else None
+        if decoded is not None:
+            good.append(decoded)
+        elif raw:  # a blank line is nothing (a probe's leftover), not a bad one
+            report.overlong += len(raw) > max_line
+            report.bad(offset)
+    return good
 
 
 class StateFile:

@@ -12,6 +12,7 @@ from bench.scenarios import (
     durability,
     iamat,
     metrics,
+    overlong_state,
     propagation,
     reconcile,
     slow_neighbor,
@@ -33,5 +34,6 @@ SCENARIOS: dict[str, Callable[[Context], Section]] = {
     "durability": durability.run,
     "reconcile": reconcile.run,
     "state-load": state_load.run,
+    "overlong-state": overlong_state.run,
     "attack": attack.run,
 }
