@@ -11,9 +11,10 @@ detected at replay, reported and skipped, never taken for a record and never
 a reason to drop the lines after it. The time in nanoseconds saves replay a
 parse per line.
 
-Writes: ``append`` only buffers; the owner calls ``flush`` once per batch of
-commands, *before* it replies, so an acknowledged record has been handed to the
-OS (one ``os.write`` for the batch) and survives ``kill -9``. What a power loss
+Writes: ``append`` only buffers; ``flush`` hands what is buffered to the OS (one
+``os.write``). An IAMAT's record is flushed (and, with ``always``, committed) on
+its own before it is stored, flooded and acknowledged, so an acknowledged record
+survives ``kill -9``; neighbors' records are flushed once per batch of lines. What a power loss
 may cost is the fsync mode (``[herd] fsync``):
 
 - ``interval`` (default): fsync at most a second after a write, like Redis's
