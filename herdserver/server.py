@@ -42,10 +42,11 @@ from .net.responder import HerdPort
 from .net.whatsat import WhatsatLanes
 from .ops.web import HttpFront
 from .places import Provider, make_provider
-from .statefile import StateFile
+from .statefile import MAX_RECORD_LINE, StateFile
 
 LOG_FLUSH_SECONDS = 0.05  # short: each flush formats what came in since, holding the loop that long
 COMPACT_CHECK_SECONDS = 5.0
+COMPACT_BACKOFF_MAX_SECONDS = 300.0  # a compaction that failed (disk full) is tried again, at most this far apart
 GOODBYE_SECONDS = 0.5  # at most this long telling neighbors we stop
 
 __all__ = ["Connection", "HerdServer", "Stats"]
@@ -73,11 +74,20 @@ class HerdServer:
         self.boot_id = new_token()
         self.log = logs.setup(name, config.log_path(name), config.log_level)
         state_path = config.state_path(name)
+        self.stats = Stats()
         # The lock first: a second process on the same state stops here (StateLocked).
-        self.state = StateFile(state_path, config.fsync, self.log) if state_path else None
+        self.state = (
+            StateFile(
+                state_path, config.fsync, self.log, stats=self.stats,
+                servers=frozenset(server.encode("utf-8") for server in config.servers),
+                # An AT line is at most max_line_bytes: a record line longer than this is garbage.
+                max_line=max(MAX_RECORD_LINE, self.limits.max_line_bytes + 1024),
+            )
+            if state_path
+            else None
+        )
         self.store = Store()
         self.provider = provider if provider is not None else make_provider(config.places)
-        self.stats = Stats()
         self.events = RecentEvents()
         self.secret = load_secret(config, os.environ if environ is None else environ)
         self.trust = client_port_trust(config)
@@ -150,6 +160,7 @@ class HerdServer:
                 records=len(self.store),
                 lines=report.records,
                 corrupt=report.corrupt,
+                overlong=report.overlong,
                 first_bad_line=report.first_bad_line or "-",
                 torn_tail=report.torn_tail,
                 ms="%.1f" % ((time.perf_counter() - started) * 1000),
@@ -253,11 +264,24 @@ class HerdServer:
             self.log.flush()
 
     def _compact_when_needed(self) -> None:
+        """Compact when the file holds mostly dead lines. A compaction that fails (the
+        disk full, an I/O error) leaves the old file in place and is tried again,
+        backing off up to COMPACT_BACKOFF_MAX_SECONDS: never a dead worker."""
         assert self.state is not None
+        wait = COMPACT_CHECK_SECONDS
         while True:
-            gevent.sleep(COMPACT_CHECK_SECONDS)
-            if self.state.needs_compaction(len(self.store)):
+            gevent.sleep(wait)
+            if not self.state.needs_compaction(len(self.store)):
+                wait = COMPACT_CHECK_SECONDS
+                continue
+            try:
                 self.compact()
+            except OSError as exc:
+                wait = min(2 * wait, COMPACT_BACKOFF_MAX_SECONDS)
+                self.log.error("state_compact_failed", path=self.state.path, error=os.strerror(exc.errno or 0),
+                               retry_in_s=wait)
+            else:
+                wait = COMPACT_CHECK_SECONDS
 
     def compact(self) -> None:
         """Rewrite the state file from the live records (tests call it directly)."""
@@ -279,6 +303,7 @@ class HerdServer:
             records=len(self.store),
             listening=self.listening,
             state_loaded=self.state_loaded,
+            state_writable=self.state is None or self.state.writable,
             open_connections=len(connections),
             parked_connections=sum(1 for conn in connections if conn.watcher is not None),
             links=tuple(link.state() for link in self.links.values()),

@@ -129,10 +129,14 @@ def test_livez_and_readyz(make_herd: Any) -> None:
         ready = get(herd, name, "/readyz")
         assert (ready.status_code, ready.text) == (200, "ready\n")
     herd.stop("Ball")
-    wait_until(lambda: get(herd, "Alford", "/readyz").status_code == 503, what="Alford not ready")
-    assert get(herd, "Alford", "/readyz").text == "no link up (neighbors: Ball)\n"
+    # Its only neighbor down, Alford still serves IAMAT and WHATSAT: it stays ready.
+    client = herd.client("Alford")
+    assert client.ask(iamat(b"kiwi")).startswith(b"AT Alford ")  # its flood finds Ball down
+    wait_until(lambda: get(herd, "Alford", "/status").json()["links"]["Ball"]["up"] is False, what="link down")
+    assert client.ask(b"WHATSAT kiwi 10 1").startswith(b"AT Alford ")
+    ready = get(herd, "Alford", "/readyz")
+    assert (ready.status_code, ready.text) == (200, "ready\n")
     assert get(herd, "Alford", "/livez").status_code == 200
-    assert get(herd, "Solo", "/readyz").status_code == 200  # no neighbors configured: ready alone
 
 
 def test_status_json(triangle: Herd) -> None:

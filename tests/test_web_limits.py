@@ -300,7 +300,7 @@ def test_livez_is_answered_while_every_request_slot_is_taken(make_herd: Any) -> 
         view = gevent.spawn(get, herd, "/herd", "Alford")
         wait_until(slots.locked, what="the only request slot taken by /herd")
         assert get(herd, "/livez", "Alford").status_code == 200
-        assert get(herd, "/readyz", "Alford").status_code == 503  # answered: Ball is down
+        assert get(herd, "/readyz", "Alford").status_code == 200  # answered (links do not count)
         assert not view.ready()  # /herd still waits for Ball's answer
         assert view.get(timeout=5).json()["servers"]["Ball"]["error"] == "no answer in time"
     finally:

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Protocol
 
-from .store import Store
+from .store import Store, newer
 
 NS_PER_S = 1_000_000_000
 
@@ -56,12 +56,18 @@ class Replica:
     def names_a_server(self, server: bytes) -> bool:
         return server in self.known_servers
 
-    def keep(self, client: bytes, time_ns: int, line: bytes, source: str | None) -> bool:
-        """Store ``line`` if newer; then journal it and offer it to every outlet but
-        ``source``'s (the neighbor it came from). True if kept."""
+    def is_new(self, client: bytes, time_ns: int, line: bytes) -> bool:
+        """Newer than the record held for ``client`` (or none is held): ``keep`` would keep it."""
+        held = self.store.get(client)
+        return held is None or newer(time_ns, line, held)
+
+    def keep(self, client: bytes, time_ns: int, line: bytes, source: str | None, written: bool = False) -> bool:
+        """Store ``line`` if newer; then journal it (unless it is ``written`` there
+        already) and offer it to every outlet but ``source``'s (the neighbor it came
+        from). True if kept."""
         if not self.store.offer_line(client, time_ns, line):
             return False
-        if self.journal is not None:
+        if self.journal is not None and not written:
             self.journal.append(time_ns, line)
         for outlet in self.outlets:
             if outlet.name != source:

@@ -94,6 +94,8 @@ class Stats:
     at_future: int = 0  # AT lines dropped: time too far ahead of our clock
     at_refused: int = 0  # AT lines from connections not allowed to send them
     invalid: int = 0
+    iamat_unwritten: int = 0  # IAMATs answered "? ": their record could not be written to the state file
+    state_write_failures: int = 0  # state file writes and fsyncs that failed (ENOSPC, EIO, EDQUOT, EROFS)
     crashes: list[str] = field(default_factory=list)
     # -- read by ops/metrics.py at scrape time (plain ints on the hot path, no prometheus calls) --
     at_bytes_in: int = 0  # bytes of AT lines received (their newline included)
@@ -108,6 +110,7 @@ def command_counts(stats: Stats) -> dict[tuple[str, str], int]:
     """``(command, result)`` -> how many, from the server's plain counters."""
     counts: dict[tuple[str, str], int] = {
         ("IAMAT", "ok"): stats.iamat,
+        ("IAMAT", "unwritten"): stats.iamat_unwritten,
         ("WHATSAT", "ok"): stats.whatsat,
         ("AT", "stored"): stats.at_stored,
         ("AT", "dropped"): stats.at_received - stats.at_stored,

@@ -85,6 +85,7 @@ class ServerStatus:
     records: int
     listening: bool
     state_loaded: bool
+    state_writable: bool  # the last write (or fsync) of the state file worked (True without one)
     open_connections: int
     parked_connections: int
     links: tuple[LinkState, ...]
@@ -96,8 +97,6 @@ class ServerStatus:
     log_lines_dropped: int
     events: tuple[dict[str, Any], ...] = ()
     version: str = ""  # herdserver.__version__ (herd_build_info, /status)
-    # False while the state file cannot be written (memory-only servers: True); herd_state_writable
-    state_writable: bool = True
 
     @property
     def active_connections(self) -> int:
@@ -105,13 +104,17 @@ class ServerStatus:
         return self.open_connections - self.parked_connections
 
     def readiness(self) -> tuple[bool, str]:
-        """(ready, why not): listening, state loaded, and a link up or no neighbors configured."""
+        """(ready, why not): listening, state loaded, and the state file writable.
+
+        Links do not count: a server whose neighbors are all down still answers IAMAT
+        and WHATSAT (and reconciliation catches up when they return); taking it out of
+        a load balancer would only take the herd's last server away too."""
         if not self.listening:
             return False, "not listening for clients"
         if not self.state_loaded:
             return False, "state not loaded yet"
-        if self.links and not any(link.up for link in self.links):
-            return False, f"no link up (neighbors: {', '.join(link.neighbor for link in self.links)})"
+        if not self.state_writable:
+            return False, "state file not writable (disk full or failing): IAMATs are answered ?"
         return True, "ready"
 
     def as_json(self) -> dict[str, Any]:
@@ -137,6 +140,8 @@ class ServerStatus:
                 "at_received": stats.at_received,
                 "at_stored": stats.at_stored,
                 "invalid": stats.invalid,
+                "iamat_unwritten": stats.iamat_unwritten,
+                "state_write_failures": stats.state_write_failures,
                 "at_duplicate": stats.at_duplicate,
                 "overlong": stats.overlong,
                 "log_lines": self.log_lines,

@@ -150,13 +150,31 @@ class Commands:
     # -- records -------------------------------------------------------------------------
 
     def iamat(self, msg: IAmAt, line: bytes) -> bytes:
+        """Write, then store and flood, then reply, in that order: an ``AT`` reply
+        means the record is in the state file (with fsync = always: on the disk). A
+        record the disk refused is neither stored nor flooded; the client gets ``? ``
+        and may send it again. (An IAMAT older than the record held changes nothing:
+        nothing to write, and the reply is its AT line as always.)"""
         now = self.clock()
         if self.replica.too_far_ahead(msg.time_ns, now):
             return self.invalid("IAMAT", line, "time ahead of the server's clock", client=msg.client)
-        self.stats.iamat += 1
         record = protocol.make_at(self.name_bytes, msg, now)
-        self.replica.keep(record.client, record.time_ns, record.line, None)
+        if self.replica.is_new(record.client, record.time_ns, record.line):
+            if not self.write(record.time_ns, record.line):
+                self.stats.iamat_unwritten += 1  # the failure itself is logged (throttled) by the state file
+                return protocol.format_invalid(line.strip())
+            self.replica.keep(record.client, record.time_ns, record.line, None, written=True)
+        self.stats.iamat += 1
         return record.line + b"\n"
+
+    def write(self, time_ns: int, line: bytes) -> bool:
+        """One record into the state file now (one write; with fsync = always, waits
+        for an fsync covering it): True when it is there, or there is no state file."""
+        journal = self.journal
+        if journal is None:
+            return True
+        journal.append(time_ns, line)
+        return journal.flush() and journal.commit()
 
     def receive_at(self, msg: At, line: bytes, source: str | None) -> bytes | None:
         """An AT line from a neighbor (``source``) or an unnamed connection: no reply,
@@ -190,8 +208,11 @@ class Commands:
         return self.stats.at_stored > stored_before
 
     def persist(self) -> None:
-        """Hand what this batch stored to the OS (and, with fsync = always, to the
-        disk), then to every live link: called before any reply that acknowledges it."""
+        """Hand the neighbors' records this batch stored to the OS (and, with fsync =
+        always, to the disk). They are not acknowledged to anyone: one the disk refuses
+        stays in memory (a restart gets it back from the neighbors by reconciliation).
+        An IAMAT's record is written by ``iamat`` itself, before it is stored. Then every
+        live link gets what was flooded: called before any reply that acknowledges it."""
         if self.journal is not None:
             self.journal.flush()
             self.journal.commit()

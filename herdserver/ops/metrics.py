@@ -181,5 +181,14 @@ class HerdCollector(Collector):
             "herd_log_lines_dropped_total", "Log lines lost (the write failed)", value=server.log_lines_dropped
         )
         yield CounterMetricFamily(
+            "herd_state_write_failures_total",
+            "State file writes and fsyncs that failed (disk full, I/O error, read-only): nothing was acknowledged",
+            value=stats.state_write_failures,
+        )
+        yield GaugeMetricFamily(
+            "herd_state_writable", "1 while the state file takes writes (always 1 without one)",
+            value=1 if server.state_writable else 0,
+        )
+        yield CounterMetricFamily(
             "herd_worker_crashes_total", "Greenlets and connections that died of a bug", value=len(stats.crashes)
         )

@@ -5,7 +5,7 @@ own process and hub (no thread). Endpoints:
 
     /metrics   Prometheus text (metrics.registry: HerdCollector, read at scrape time, and the process's)
     /livez     200 while the process answers
-    /readyz    200 when listening, state loaded and a link up (or no neighbors); else 503 and why
+    /readyz    200 when listening, state loaded and the state file writable; else 503 and why
     /status    this server as JSON (``ServerStatus.as_json``)
     /herd      every server's /status, fetched by this one (short timeouts), plus the topology
     /client    ?id=CLIENT: the AT line each server holds for it (``&scope=local``: this server's only)
