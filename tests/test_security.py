@@ -11,6 +11,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import gevent
 import pytest
@@ -305,3 +306,74 @@ def test_a_herd_host_that_resolves_only_later_is_trusted_once_it_does(
     monkeypatch.setattr(commands, "TRUST_REFRESH_SECONDS", 0.0)
     herd.client("Alford").send(line + b"\n")
     wait_until(lambda: herd.holds("Alford", b"kiwi"), what="the AT line once the herd's name resolves")
+
+
+# ------------------------------------------------------------------ the herd port: proof first
+
+
+def _listener_on_herd_port(herd: Herd, name: str, answer: bytes | None) -> tuple[Any, list[bytes]]:
+    """A process of someone else's on a stopped neighbor's herd port: it answers every
+    line with ``answer`` (None: says nothing) and keeps all it was sent."""
+    from gevent.server import StreamServer
+
+    received: list[bytes] = []
+
+    def handle(sock: socket.socket, address: Any) -> None:
+        while chunk := sock.recv(65536):
+            received.append(chunk)
+            if answer is not None:
+                sock.sendall(answer)
+
+    server = StreamServer(("127.0.0.1", herd.config.servers[name].herd_port), handle)
+    server.start()
+    return server, received
+
+
+@pytest.mark.parametrize("secret", ["s3cret", None])  # an explicit secret, and the default secret file
+@pytest.mark.parametrize("answer", [b"? HELLO\n", None])
+def test_a_listener_on_a_stopped_neighbors_herd_port_gets_nothing(
+    make_herd: Callable[..., Herd], secret: str | None, answer: bytes | None
+) -> None:
+    herd = make_herd({"Alford": ["Ball"], "Ball": []}, secret=secret, start=False)
+    herd.start("Alford")
+    impostor, received = _listener_on_herd_port(herd, "Ball", answer)
+    try:
+        for i in range(20):
+            herd.client("Alford").ask(iamat(b"c%d" % i))
+        link = herd.servers["Alford"].links["Ball"]
+        wait_until(lambda: link.auth_failures >= 2 or (answer is None and link.links_made >= 2), 10,
+                   what="a few refused handshakes")  # fmt: skip
+        data = b"".join(received)
+        assert b"AT " not in data and b"SYNC" not in data and not link.up.is_set()
+        assert all(line.startswith(b"HELLO herdserver/2 Alford Ball ") for line in data.splitlines())
+    finally:
+        impostor.stop()
+
+
+def test_an_unproven_peer_on_the_herd_port_changes_nothing(make_herd: Callable[..., Herd]) -> None:
+    """It may claim a neighbor's name and send AT lines before (or instead of) the proof:
+    no record is stored or overwritten, no link goes up, and it is told nothing."""
+    herd = make_herd({"Alford": ["Ball", "Gibson"], "Ball": [], "Gibson": []}, start=False)
+    herd.start("Alford")
+    herd.start("Ball")
+    wait_until(lambda: herd.servers["Alford"].links["Ball"].up.is_set(), what="Alford-Ball up")
+    real = herd.client("Ball").ask(iamat(b"victim")).rstrip(b"\n")
+    wait_until(lambda: herd.holds("Alford", b"victim") == real, what="the real record at Alford")
+    alford = herd.servers["Alford"]
+    gibson = alford.links["Gibson"]
+    received_before = alford.stats.at_received  # the real record's
+    forged = b"AT Gibson +0.000000000 victim +1+1 " + now_s(+1)
+    newcomer = b"AT Gibson +0.000000000 newcomer +1+1 " + now_s()
+    for hello in (b"HELLO herdserver/2 Gibson Alford boot n\n", b"HELLO herdserver/1 Gibson b n\n", b""):
+        for _ in range(5):
+            with socket.create_connection(("127.0.0.1", herd.config.servers["Alford"].herd_port), timeout=5) as sock:
+                sock.sendall(hello + forged + b"\n" + newcomer + b"\n" + b"AUTH 00\nSYNC ASK 0\nBYE\n")
+                sock.settimeout(5)
+                said = b""
+                while chunk := sock.recv(65536):
+                    said += chunk
+                assert b"AT " not in said and b"HAVE" not in said
+    assert herd.holds("Alford", b"victim") == real and herd.holds("Alford", b"newcomer") is None
+    assert not gibson.up.is_set() and gibson.recoveries == 0 and alford.stats.at_received == received_before
+    assert alford.herd_port.auth_failures == 15
+    assert not any(e["neighbor"] == "Gibson" and e["event"] == "link_up" for e in alford.events.snapshot())
