@@ -314,6 +314,7 @@ class HerdServer:
             log_lines=self.log.lines_written,
             log_lines_dropped=self.log.lines_dropped,
             events=tuple(self.events.snapshot()),
+            herd_port_auth_failures=self.herd_port.auth_failures,
             version=__version__,
         )
 

@@ -437,3 +437,4 @@ def test_more_pipelined_whatsats_than_run_at_once_all_come_back_in_order(
         at_line, payload = whatsat_parts(client.read_whatsat())
         assert at_line.split(b" ")[3] == name
         assert len(payload["results"]) == min(1 + i % 20, nearby)
+

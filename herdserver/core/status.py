@@ -96,6 +96,7 @@ class ServerStatus:
     log_lines: int
     log_lines_dropped: int
     events: tuple[dict[str, Any], ...] = ()
+    herd_port_auth_failures: int = 0  # connections to our herd port that failed the handshake
     version: str = ""  # herdserver.__version__ (herd_build_info, /status)
 
     @property
@@ -151,6 +152,7 @@ class ServerStatus:
             "places": places,
             "events": list(self.events),
             "ready": {"ok": ready, "reason": reason},
+            "herd_port_auth_failures": self.herd_port_auth_failures,
         }
 
 

@@ -223,6 +223,11 @@ class Commands:
     def start_whatsat(self, msg: WhatsAt, line: bytes, deep: bool = False) -> bytes | Greenlet:
         record = self.store.record(msg.client)
         if record is None:
+            # A neighbor's flood may be readable on its link in this same turn of the loop
+            # (it left before the client's reply): let it be read before saying "unknown".
+            gevent.sleep(0)
+            record = self.store.record(msg.client)
+        if record is None:
             return self.invalid("WHATSAT", line, "unknown client")
         self.stats.whatsat += 1
         return self.whatsat.start(msg, record, deep)

@@ -88,7 +88,7 @@ class HerdCollector(Collector):
         yield GaugeMetricFamily("herd_records", "Client records held", value=server.records)
         connections = GaugeMetricFamily(
             "herd_connections",
-            "Client connections open (neighbors' links too), by state: active (has its greenlet) or parked"
+            "Client connections open, by state: active (has its greenlet) or parked"
             " (waiting on a watcher); the states partition them, so sum() is every open connection",
             labels=["state"],
         )
@@ -102,7 +102,15 @@ class HerdCollector(Collector):
         )
         connections_made = CounterMetricFamily(
             "herd_link_connections_total",
-            "Connections opened to the neighbor (links connect on demand and close when idle)",
+            "Connections opened to the neighbor's herd port (a link stays open: this grows when it reconnects)",
+            labels=["neighbor"],
+        )
+        queued = GaugeMetricFamily(
+            "herd_link_queue_depth", "Records waiting in the link's outbox (latest per client)", labels=["neighbor"]
+        )
+        auth_failed = CounterMetricFamily(
+            "herd_link_auth_failures_total",
+            "Handshakes on our link to the neighbor that failed the proof (a wrong secret, or not our neighbor)",
             labels=["neighbor"],
         )
         syncs = CounterMetricFamily(
@@ -122,7 +130,14 @@ class HerdCollector(Collector):
             syncs.add_metric([name, "digest"], link.syncs)
             syncs.add_metric([name, "full"], link.full_pushes)
             lines_sent.add_metric([name], link.lines_sent)
-        yield from (link_up, reconnects, connections_made, syncs, lines_sent)
+            queued.add_metric([name], link.queued)
+            auth_failed.add_metric([name], link.auth_failures)
+        yield from (link_up, reconnects, connections_made, syncs, lines_sent, queued, auth_failed)
+        yield CounterMetricFamily(
+            "herd_port_auth_failures_total",
+            "Connections to this server's herd port refused before or at the proof (unproven peers)",
+            value=server.herd_port_auth_failures,
+        )
 
         # Totals by direction only: an AT line names no sender, so "in" has no neighbor to label.
         at_lines = CounterMetricFamily(
