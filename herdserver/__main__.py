@@ -125,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     raise_fd_limit()
     from .server import HerdServer
+    from .herdsecret import SecretError
     from .statefile import StateLocked
 
     try:
@@ -133,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         # once the port answers, a SIGHUP reopens the log instead of killing the process.
         gevent.signal_handler(signal.SIGHUP, server.log.reopen)
         server.start()
-    except StateLocked as exc:
+    except (StateLocked, SecretError) as exc:
         print(f"herdserver: {args.name}: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     except OSError as exc:

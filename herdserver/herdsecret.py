@@ -74,9 +74,11 @@ def _create(path: str) -> None:
     except OSError as exc:
         raise SecretError(f"cannot create {path}: {exc.strerror or exc}") from None
     try:
-        os.write(fd, secrets.token_hex(SECRET_BYTES).encode("ascii") + b"\n")
-        os.fsync(fd)
-        os.close(fd)
+        try:
+            os.write(fd, secrets.token_hex(SECRET_BYTES).encode("ascii") + b"\n")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         try:
             os.link(temp, path)  # fails if another server made it first: then theirs is the herd's
         except FileExistsError:
