@@ -124,8 +124,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"herdserver: {args.name}: parent process {args.parent_pid} is gone; not starting", file=sys.stderr)
         return 0
     raise_fd_limit()
-    from .server import HerdServer
     from .herdsecret import SecretError
+    from .server import HerdServer
     from .statefile import StateLocked
 
     try:

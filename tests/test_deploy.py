@@ -70,7 +70,7 @@ def test_compose_keeps_each_servers_state_on_a_volume_and_passes_the_secret() ->
     text = (DEPLOY / "compose.yaml").read_text()
     herd = config.load(DEPLOY / "herd.compose.ini")
     assert herd.state_dir == "/var/lib/herdserver" and herd.secret_env == "HERD_SECRET"
-    assert "HERD_SECRET: ${HERD_SECRET:-}" in text
+    assert "HERD_SECRET: ${HERD_SECRET:?" in text  # required: each container's volume would make its own file
     top_volumes = text.split("\nvolumes:", 1)[1]
     for name in compose_services():
         assert f'"{name}-state:/var/lib/herdserver"' in text
