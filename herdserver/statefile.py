@@ -48,7 +48,6 @@ fsynced. A lock file (``flock``) keeps a second process off the same state.
 from __future__ import annotations
 
 import errno
-import fcntl
 import os
 import re
 import time
@@ -63,6 +62,7 @@ from gevent.event import Event
 from .config import FSYNC_MODES
 from .core.protocol import parse_at_line
 from .core.stats import Stats
+from .fsutil import flock, fsync_dir, write_all
 from .logs import EventLog
 
 MAGIC = b"herdserver-state 1\n"
@@ -464,7 +464,7 @@ class StateFile:
             if self._fsync_failures != failures:  # lines cut off the old file were copied: start over later
                 raise OSError(errno.EIO, "an fsync of the state file failed while compacting")
             os.replace(tmp, self.path)
-            _fsync_dir(self.directory)
+            fsync_dir(self.directory)
         except BaseException:
             os.close(fd)
             self._compacting = None
@@ -500,10 +500,8 @@ class StateFile:
 
 
 def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        written = os.write(fd, view)
-        view = view[written:]
+    """fsutil.write_all (a name of its own: tests make it fail)."""
+    write_all(fd, data)
 
 
 def _fsync(fd: int) -> None:
@@ -511,21 +509,10 @@ def _fsync(fd: int) -> None:
     os.fsync(fd)
 
 
-def _fsync_dir(directory: str) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _lock(path: str) -> int:
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return flock(path, wait=False)
     except OSError as exc:
-        os.close(fd)
         if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
             raise StateLocked(f"{path} is locked: another server process uses this state file") from None
         raise
-    return fd

@@ -207,6 +207,15 @@ class _LinkBase:
         self.links_made += 1
         return sock
 
+    def _connect_or_back_off(self, failures: int, delay: float) -> tuple[socket.socket | None, int, float]:
+        """A connection, or (after a failed connect) None once the backoff has been waited out;
+        the failures so far and the next delay."""
+        sock = self._connect(quiet=failures > 0)
+        if sock is None:
+            self._mark_down("connect failed")
+            return None, failures + 1, self._back_off(delay)
+        return sock, failures, delay
+
     def _write(self, sock: socket.socket, data: bytes) -> None:
         sent = send_nowait(sock, data)  # nearly always all of it, and no timer to arm
         if sent < len(data):  # a full send buffer: wait for the neighbor, but not for ever
@@ -288,11 +297,8 @@ class Link(_LinkBase):
         delay = self.settings.backoff_initial
         failures = 0
         while True:
-            sock = self._connect(quiet=failures > 0)
+            sock, failures, delay = self._connect_or_back_off(failures, delay)
             if sock is None:
-                failures += 1
-                self._mark_down("connect failed")
-                delay = self._back_off(delay)
                 continue
             self._established = False
             try:
@@ -502,11 +508,8 @@ class ForeignLink(_LinkBase):
         failures = 0
         while True:
             self._wait_for_work()
-            sock = self._connect(quiet=failures > 0)
+            sock, failures, delay = self._connect_or_back_off(failures, delay)
             if sock is None:
-                failures += 1
-                self._mark_down("connect failed")
-                delay = self._back_off(delay)
                 continue
             if failures:
                 self.need_sync = True  # an outage ended: a full push brings it up to date
