@@ -312,6 +312,8 @@ def test_log_file_records_lines_connections_links_and_places(herd: Herd) -> None
     client.close()
     alford = herd.servers["Alford"]
     wait_until(lambda: not alford.connections or len(alford.connections) <= 2, what="close")
+    herd.client("Hamilton").ask(iamat(b"from-hamilton"))
+    wait_until(lambda: herd.holds("Alford", b"from-hamilton"), what="Hamilton's record at Alford")
     herd.stop("Hamilton")
     wait_until(lambda: not alford.links["Hamilton"].up.is_set(), what="link down")
     alford.log.flush()
@@ -320,6 +322,7 @@ def test_log_file_records_lines_connections_links_and_places(herd: Herd) -> None
         r"event=start address=127\.0\.0\.1:\d+ neighbors=Hamilton,Welsh provider=google",
         r"event=link_up neighbor=Hamilton",
         r'event=out neighbor=Hamilton line="AT Alford [+-]\d+\.\d{9} kiwi\.cs\.ucla\.edu ',
+        r'event=in neighbor=Hamilton line="AT Hamilton [+-]\d+\.\d{9} from-hamilton ',
         r"event=link_down neighbor=Hamilton",
         r"event=open conn=\d+ peer=127\.0\.0\.1:\d+",
         r"event=close conn=\d+ reason=eof",

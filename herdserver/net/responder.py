@@ -178,6 +178,7 @@ class HerdPort:
     def _take(self, items: list[bytes | Overlong], name: str) -> tuple[bool, list[bytes]]:
         stored = False
         answers: list[bytes] = []
+        self.log.traffic("in", "neighbor", name, "line", [i for i in items if isinstance(i, bytes) and i.strip()])
         for item in items:
             if isinstance(item, Overlong):
                 self.log.warning("peer_said", neighbor=name, data=item.prefix)
