@@ -5,8 +5,8 @@ plus a second, random Hamiltonian cycle edge-disjoint from it (seeded), so every
 has 4 links and the diameter is small; the offline Places provider (the cache built once,
 beforehand), memory only (``state_dir = -``), an HTTP side per server (``/readyz``,
 ``/status``, ``/metrics``). Client ports are one block, HTTP ports the block + 1000, and the
-block + 2000 is checked free and left unused (the coming herd port defaults to an offset of
-the client port). Once every server is ready and the herd's CPU is quiet:
+block + 2000 is checked free (the default herd port, client port + 2000, where a base
+revision from before it opens nothing). Once every server is ready and the herd's CPU is quiet:
 
 (d) idle: the herd's CPU (utime+stime of every server, /proc/PID/stat) over
     ``herd_idle_seconds`` of quiet, as % of one core; connections opened meanwhile
@@ -23,15 +23,19 @@ quiet again:
 (b) herd CPU per update: the CPU of all N servers over the update phase minus the idle
     rate over the same time, divided by the updates;
 (c) time until every server holds an update: from the IAMAT's reply (wall clock, read by
-    the bench) to the latest of the other N-1 servers' first ``event=in`` AT line carrying
-    that client in its log (UTC stamps in microseconds, the same machine clock; read after
-    a graceful stop flushed the logs). p50/p99 over updates.
+    the bench) to the latest of the other N-1 servers' first AT line carrying that client
+    in its log, read (``event=in``) or forwarded (``event=out neighbor=``: herd-port links
+    log no ``event=in``, so with them it is the first forward, one send after the store;
+    UTC stamps in microseconds, the same machine clock; read after a graceful stop flushed
+    the logs). p50/p99 over updates.
 
 With ``--compare REV`` (and ``--only herd``) each size runs on REV's code too, first, from a
 ``git worktree`` checkout (a revision that knows ``state_dir`` and ``http_port``), and this
 tree's rows carry the base's figures as their baselines: side by side in one run.
 
-No targets yet: these are the figures the herd-port work is to move.
+Targets (the herd-port issue): no connection opened per update once links are up, and at
+100 servers herd CPU per update <= 15 ms, every server holding an update within p99 <= 20 ms,
+an idle herd under 2% of one core.
 """
 
 from __future__ import annotations
@@ -64,13 +68,13 @@ from bench.harness import (
     tcp_table,
     timed_run,
 )
-from bench.report import Row, Section
+from bench.report import Row, Section, Target
 from bench.scenarios.common import Context, percentiles
 from bench.scenarios.propagation import arrivals
 
 DEGREE = 4  # links per server: the ring's 2 and the random cycle's 2
 HTTP_OFFSET = 1000  # herd.ini's default http_port offset, written out (the bench reads /status)
-RESERVED_OFFSET = 2000  # kept free: the coming herd port's default offset
+RESERVED_OFFSET = 2000  # checked free: the default herd_port (client port + 2000)
 SEED = 8
 TOPOLOGY_TRIES = 100_000  # random cycles drawn until one shares no edge with the ring
 OFFLINE = {"provider": "offline", "timeout": "5"}
@@ -385,6 +389,25 @@ FIGURES = (  # key, label ({n}: the size), unit
 )
 
 
+# figure key -> (at most this, the smallest herd it applies to): the herd-port issue's targets
+CONNECTION_EPSILON = 0.01  # "0 per update", after subtracting the idle rate (a float)
+TARGETS: dict[str, tuple[float, int]] = {
+    "connections": (CONNECTION_EPSILON, 0),
+    "metrics_connections": (CONNECTION_EPSILON, 0),
+    "cpu_ms": (15.0, 100),
+    "hold_p99": (20.0, 100),
+    "idle_cpu_pct": (2.0, 100),
+}
+
+
+def target(key: str, n: int, value: float | None) -> Target | None:
+    if key not in TARGETS or n < TARGETS[key][1]:
+        return None
+    limit = TARGETS[key][0]
+    text = "0" if limit == CONNECTION_EPSILON else f"<= {limit:g}"
+    return Target(text, value is not None and value <= limit, "issue")
+
+
 def rows(result: dict[str, Any], base: dict[str, Any] | None, base_title: str, prefix: str) -> list[Row]:
     """One row per figure; beside it the base revision's (when compared), else the link count
     for the connection rows."""
@@ -392,7 +415,7 @@ def rows(result: dict[str, Any], base: dict[str, Any] | None, base_title: str, p
     theirs = figures(base) if base is not None else None
     out = []
     for key, label, unit in FIGURES:
-        row = Row(f"{prefix}N={n}: {label.format(n=n)}", mine[key], unit)
+        row = Row(f"{prefix}N={n}: {label.format(n=n)}", mine[key], unit, target=target(key, n, mine[key]))
         if theirs is not None:
             row.baseline, row.baseline_label = theirs[key], base_title
         elif key.endswith("connections") and key != "idle_connections":
@@ -458,8 +481,9 @@ def run(ctx: Context) -> Section:
         "TIME_WAIT for 60 s); per update = (seen - idle rate x phase time) / updates; baseline = the herd's links "
         "(the base's figure with --compare)",
         "CPU: utime+stime of every server (/proc/PID/stat), update phase minus the idle rate over the same time; "
-        "hold time: IAMAT reply (bench's wall clock) to the latest other server's first event=in AT line for that "
-        "client in its log (microsecond UTC stamps, same clock)",
+        "hold time: IAMAT reply (bench's wall clock) to the latest other server's first AT line for that client "
+        "in its log, read (event=in) or forwarded (event=out neighbor=; herd-port links log no event=in, so there "
+        "the first forward, one send after the store) (microsecond UTC stamps, same clock)",
         f"this machine has {len(os.sched_getaffinity(0))} cores for all N servers and the bench: "
         "a flood through N processes queues for them, so hold times grow with N for that reason alone",
     ]
