@@ -25,7 +25,9 @@ def write_herd(
     tmp_path: Path, places_url: str, provider: str = "google", http_ports: dict[str, int] | None = None
 ) -> tuple[Path, dict[str, int]]:
     """A five-server herd file on free ports; no HTTP side unless ``http_ports`` are given."""
-    ports = dict(zip(NAMES, free_ports(len(NAMES)), strict=True))
+    free = free_ports(2 * len(NAMES))
+    ports = dict(zip(NAMES, free[: len(NAMES)], strict=True))
+    herd_ports = dict(zip(NAMES, free[len(NAMES) :], strict=True))  # free too: port + 2000 may not be
     text = (
         "[herd]\nhost = 127.0.0.1\nlog_dir = herdlogs   ; relative to this file\n\n"
         f"[places]\nprovider = {provider}\napi_key_env = HERD_TEST_KEY\nbase_url = {places_url}\ntimeout = 2\n\n"
@@ -33,7 +35,7 @@ def write_herd(
     )
     for name in NAMES:
         text += f"\n[server:{name}]\nport = {ports[name]}\nneighbors = {LINKS[name]}\n"
-        text += f"http_port = {(http_ports or {}).get(name, 0)}\n"
+        text += f"http_port = {(http_ports or {}).get(name, 0)}\nherd_port = {herd_ports[name]}\n"
     path = tmp_path / "herd.ini"
     path.write_text(text)
     return path, ports

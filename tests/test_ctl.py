@@ -25,7 +25,8 @@ def ini_for(herd: Herd, tmp_path: Path) -> Path:
     """The herd file of a running in-process herd, for herdctl to find its servers by name."""
     text = f"[herd]\nlog_dir = {tmp_path / 'ctl-logs'}\n"
     for name, s in herd.config.servers.items():
-        text += f"[server:{name}]\nport = {s.port}\nhttp_port = {s.http_port}\nneighbors = {', '.join(s.neighbors)}\n"
+        text += f"[server:{name}]\nport = {s.port}\nhttp_port = {s.http_port}\nherd_port = {s.herd_port}\n"
+        text += f"neighbors = {', '.join(s.neighbors)}\n"  # herd_port as bound: port + 2000 may be another's
     path = tmp_path / "ctl.ini"
     path.write_text(text)
     return path

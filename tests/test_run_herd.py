@@ -30,9 +30,9 @@ ENV = dict(os.environ, HERD_TEST_KEY=TEST_KEY)
 def write_herd(
     tmp_path: Path, names: list[str], log_dir: str = "herdlogs", key_env: str = "HERD_TEST_KEY"
 ) -> tuple[Path, dict[str, int]]:
-    """A herd of ``names`` in a chain on free loopback ports (client and HTTP, both from the
-    kernel: never a guessed port + 1000); Places points at a closed port."""
-    free = free_ports(2 * len(names))
+    """A herd of ``names`` in a chain on free loopback ports (client, HTTP and herd, all from the
+    kernel: never a guessed port + 1000 or + 2000); Places points at a closed port."""
+    free = free_ports(3 * len(names))
     ports = dict(zip(names, free[: len(names)], strict=True))
     text = (
         f"[herd]\nhost = 127.0.0.1\nlog_dir = {log_dir}\n\n"
@@ -42,7 +42,7 @@ def write_herd(
     for i, name in enumerate(names):
         neighbors = names[i + 1] if i + 1 < len(names) else ""
         text += f"\n[server:{name}]\nport = {ports[name]}\nneighbors = {neighbors}\n"
-        text += f"http_port = {free[len(names) + i]}\n"
+        text += f"http_port = {free[len(names) + i]}\nherd_port = {free[2 * len(names) + i]}\n"
     path = tmp_path / "herd.ini"
     path.write_text(text)
     return path, ports
