@@ -32,6 +32,8 @@ class Outlet(Protocol):
 
     def flush_now(self) -> None: ...
 
+    def has_queued(self) -> bool: ...
+
 
 class Replica:
     """One server's copy of the herd's records, and where each new one goes."""
@@ -73,6 +75,10 @@ class Replica:
             if outlet.name != source:
                 outlet.offer(client, line)
         return True
+
+    def has_queued(self) -> bool:
+        """Does any outlet hold records that flush_outlets would write now?"""
+        return any(outlet.has_queued() for outlet in self.outlets)
 
     def flush_outlets(self) -> None:
         """Hand what was offered to every outlet's socket now: called before a reply

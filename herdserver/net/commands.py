@@ -66,6 +66,7 @@ class Commands:
         self.refresh_trust = refresh_trust
         self._trust_checked = time.monotonic()
         self.clock = clock
+        self._flush_queued = False  # a flush of the links is waiting for this turn of the loop
         self.digests = Event()  # set once the store's digests are complete (sync waits for it)
         if self.store.digests_ready:
             self.digests.set()
@@ -216,6 +217,23 @@ class Commands:
         if self.journal is not None:
             self.journal.flush()
             self.journal.commit()
+        self._flood_this_turn()
+
+    def _flood_this_turn(self) -> None:
+        """Every link's queued records go out in one write per link per turn of the event
+        loop, and this greenlet resumes only after that write: the updates of all the
+        clients answered in one turn share a send (and the neighbor one wake-up), and each
+        reply still follows its flood. (``gevent.sleep(0)`` resumes through the same FIFO
+        of loop callbacks, so it runs after the flush queued before it.)"""
+        if not self.replica.has_queued():
+            return
+        if not self._flush_queued:
+            self._flush_queued = True
+            gevent.get_hub().loop.run_callback(self._flush_outlets)
+        gevent.sleep(0)
+
+    def _flush_outlets(self) -> None:
+        self._flush_queued = False
         self.replica.flush_outlets()
 
     # -- WHATSAT ---------------------------------------------------------------------

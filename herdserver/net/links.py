@@ -118,6 +118,10 @@ class _LinkBase:
     def flush_now(self) -> None:
         """Before a client's reply: hand what is queued to the socket if it can be done now."""
 
+    def has_queued(self) -> bool:
+        """Records flush_now would write now (a foreign link's wait for its own greenlet)."""
+        return False
+
     def peer_seen(self) -> None:
         """The neighbor proved itself on our herd port: it is up, retry at once."""
         self.seen.set()
@@ -272,6 +276,9 @@ class Link(_LinkBase):
         self._next_periodic = self._periodic_deadline()
 
     # -- floods before replies ------------------------------------------------------------
+
+    def has_queued(self) -> bool:
+        return bool(self.outbox) and self.sock is not None and not self._writing and not self._pending
 
     def flush_now(self) -> None:
         """Write the outbox to the socket now if the link is established and idle; what the
