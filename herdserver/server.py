@@ -102,7 +102,7 @@ class HerdServer:
         self.herd_port = HerdPort(
             herd_listener if herd_listener is not None else (self.me.host, self.me.herd_port),
             name.encode("utf-8"), self.me.neighbors, self.boot_id, self.secret.secrets, self.store,
-            self.commands.digests, self.commands.take_line, self.commands.persist, self.log,
+            self.commands.digests, self.commands.take_line, self.commands.persist_received, self.log,
             handshake_timeout=config.peers.connect_timeout, write_timeout=config.peers.write_timeout,
             on_proven=self._peer_proven, on_bye=self._peer_said_bye,
         )
@@ -198,11 +198,13 @@ class HerdServer:
         for name in self.me.neighbors:
             neighbor = config.servers[name]
             if neighbor.foreign:
-                links[name] = ForeignLink(neighbor, peers, self.store, self.commands.persist, self.log, self.events)
+                links[name] = ForeignLink(
+                    neighbor, peers, self.store, self.commands.persist_received, self.log, self.events
+                )
             else:
                 links[name] = Link(
                     neighbor, peers, self.name.encode("utf-8"), self.store, self.commands.digests,
-                    self.commands.take_line, self.commands.persist, self.log, self.events, self.boot_id,
+                    self.commands.take_line, self.commands.persist_received, self.log, self.events, self.boot_id,
                     self.secret.secrets, sync_slots,
                 )
         return links

@@ -30,8 +30,6 @@ class Outlet(Protocol):
 
     def offer(self, client: bytes, line: bytes) -> None: ...
 
-    def flush_now(self) -> None: ...
-
     def has_queued(self) -> bool: ...
 
 
@@ -77,11 +75,6 @@ class Replica:
         return True
 
     def has_queued(self) -> bool:
-        """Does any outlet hold records that flush_outlets would write now?"""
+        """Does any outlet hold records it will write in this turn of the event loop
+        (a reply that acknowledges them waits for that)?"""
         return any(outlet.has_queued() for outlet in self.outlets)
-
-    def flush_outlets(self) -> None:
-        """Hand what was offered to every outlet's socket now: called before a reply
-        acknowledges it, so the flood leaves before the client hears back."""
-        for outlet in self.outlets:
-            outlet.flush_now()

@@ -66,7 +66,6 @@ class Commands:
         self.refresh_trust = refresh_trust
         self._trust_checked = time.monotonic()
         self.clock = clock
-        self._flush_queued = False  # a flush of the links is waiting for this turn of the loop
         self.digests = Event()  # set once the store's digests are complete (sync waits for it)
         if self.store.digests_ready:
             self.digests.set()
@@ -209,32 +208,29 @@ class Commands:
         return self.stats.at_stored > stored_before
 
     def persist(self) -> None:
-        """Hand the neighbors' records this batch stored to the OS (and, with fsync =
+        """Before a reply that acknowledges what this batch stored: the neighbors'
+        records it stored go to the OS (an IAMAT's record was written by ``iamat``
+        itself, before it was stored), then every live link writes what was flooded."""
+        self.persist_received()
+        self._flood_before_reply()
+
+    def persist_received(self) -> None:
+        """Hand the neighbors' records a batch stored to the OS (and, with fsync =
         always, to the disk). They are not acknowledged to anyone: one the disk refuses
         stays in memory (a restart gets it back from the neighbors by reconciliation).
-        An IAMAT's record is written by ``iamat`` itself, before it is stored. Then every
-        live link gets what was flooded: called before any reply that acknowledges it."""
+        Their floods leave at the end of this turn of the event loop, without waiting."""
         if self.journal is not None:
             self.journal.flush()
             self.journal.commit()
-        self._flood_this_turn()
 
-    def _flood_this_turn(self) -> None:
-        """Every link's queued records go out in one write per link per turn of the event
-        loop, and this greenlet resumes only after that write: the updates of all the
-        clients answered in one turn share a send (and the neighbor one wake-up), and each
-        reply still follows its flood. (``gevent.sleep(0)`` resumes through the same FIFO
-        of loop callbacks, so it runs after the flush queued before it.)"""
-        if not self.replica.has_queued():
-            return
-        if not self._flush_queued:
-            self._flush_queued = True
-            gevent.get_hub().loop.run_callback(self._flush_outlets)
-        gevent.sleep(0)
-
-    def _flush_outlets(self) -> None:
-        self._flush_queued = False
-        self.replica.flush_outlets()
+    def _flood_before_reply(self) -> None:
+        """Each link writes what it was offered once per turn of the event loop (a loop
+        callback it schedules at the first offer), so the updates of all the clients
+        answered in one turn share a send and the neighbor one wake-up. The reply waits
+        for that write: ``gevent.sleep(0)`` resumes through the same FIFO of loop
+        callbacks, so this greenlet runs on after every flush scheduled before it."""
+        if self.replica.has_queued():
+            gevent.sleep(0)
 
     # -- WHATSAT ---------------------------------------------------------------------
 

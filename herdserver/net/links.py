@@ -9,9 +9,12 @@ the link carries our AT lines, our reconciliation questions (``SYNC``) and, when
 stop, ``BYE``; the neighbor answers only our questions. Its own records come to us
 over its own link to our herd port (``responder.py``).
 
-An IAMAT's AT line is written to every live link before the client's reply goes out
-(``flush_now``, called by the dispatcher before it writes a reply): a client that has
-its reply finds the record at a neighbor it asks next.
+An IAMAT's AT line is written to every live link before the client's reply goes out:
+the first record offered to a live link in a turn of the event loop schedules a loop
+callback that writes everything offered in that turn at once, and the dispatcher lets
+those callbacks run before it writes a reply. A client that has its reply finds the
+record at a neighbor it asks next; a flood relayed through a server costs it one
+write per link, with no wake-up of the link's own greenlet.
 
 The outbox is a dict of the latest AT line per client, not a FIFO of every update:
 while a neighbor is down, memory is bounded by the number of clients.
@@ -115,11 +118,9 @@ class _LinkBase:
         self.outbox[client] = line
         self.wake.set()
 
-    def flush_now(self) -> None:
-        """Before a client's reply: hand what is queued to the socket if it can be done now."""
-
     def has_queued(self) -> bool:
-        """Records flush_now would write now (a foreign link's wait for its own greenlet)."""
+        """Records that will be written in this turn of the event loop (a foreign link's
+        wait for its own greenlet)."""
         return False
 
     def peer_seen(self) -> None:
@@ -274,17 +275,38 @@ class Link(_LinkBase):
         self._established = False  # the current connection passed the handshake
         self._replies: SimpleQueue[Any] = SimpleQueue()
         self._next_periodic = self._periodic_deadline()
+        self._loop = gevent.get_hub().loop
+        self._flush_scheduled = False  # a loop callback will write the outbox in this turn
 
     # -- floods before replies ------------------------------------------------------------
 
+    def offer(self, client: bytes, line: bytes) -> None:
+        """Queue the latest line for ``client``. On an established, idle link it is
+        written by a loop callback at the end of this turn, with everything else offered
+        in it; otherwise the link greenlet sends it when it can."""
+        self.outbox[client] = line
+        if self.sock is None or self._writing or self._pending:
+            self.wake.set()
+        elif not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.run_callback(self._scheduled_flush)
+
     def has_queued(self) -> bool:
-        return bool(self.outbox) and self.sock is not None and not self._writing and not self._pending
+        return self._flush_scheduled
+
+    def _scheduled_flush(self) -> None:
+        self._flush_scheduled = False
+        self.flush_now()
 
     def flush_now(self) -> None:
         """Write the outbox to the socket now if the link is established and idle; what the
-        kernel does not take at once is finished by the link greenlet."""
+        kernel does not take at once, or what cannot be written now, is left to the link
+        greenlet."""
         sock = self.sock
-        if sock is None or self._writing or self._pending or not self.outbox:
+        if not self.outbox:
+            return
+        if sock is None or self._writing or self._pending:
+            self.wake.set()
             return
         lines = list(self.outbox.values())
         self.outbox = {}

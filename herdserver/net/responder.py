@@ -171,7 +171,7 @@ class HerdPort:
                 return
             stored, answers = self._take(items, name)
             if stored:
-                self.persist()
+                self.persist()  # the neighbors' records to the OS; their floods leave at the end of the turn
             if answers:
                 self._answer(sock, b"".join(answers))
 
