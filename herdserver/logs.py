@@ -8,9 +8,11 @@ Every value that is not a plain word is double-quoted with ``\\``, ``"`` and
 every control character escaped, so a client can never start a log line of its
 own (``grep 'event=in'`` finds only what the server wrote).
 
-The log buffers in memory and is flushed by its owner (the server runs
-a flusher greenlet), so logging never waits on the disk in a client's path.
-Warnings and errors are flushed at once.
+The log buffers in memory and is flushed by its owner (the server flushes it
+whenever its event loop falls idle), so logging never waits on the disk in a
+client's path. Warnings and errors are flushed at once; a buffer past
+``max_buffer`` bytes or holding a line older than MAX_AGE_NS is flushed by the
+next line logged (a server too busy ever to fall idle).
 """
 
 from __future__ import annotations
@@ -111,6 +113,9 @@ def _summarise_reply(reply: bytes) -> str:
     return f"{escape(reply[:end + 1])} status={escape(status)} results={results}"
 
 
+MAX_AGE_NS = 1_000_000_000  # a line waits at most about this long for a flush, however busy the server
+
+
 class EventLog:
     """``log.info("open", conn=3, peer=...)`` -> one logfmt line, written in batches.
 
@@ -174,11 +179,12 @@ class EventLog:
             self.flush()
 
     def _keep(self, record: _Record, size: int) -> None:
-        if not self.pending and self.on_pending is not None:
+        pending = self.pending
+        if not pending and self.on_pending is not None:
             self.on_pending()  # the first line since the last flush: the server schedules one
-        self.pending.append(record)
+        pending.append(record)
         self.buffered += size
-        if self.buffered >= self.max_buffer:
+        if self.buffered >= self.max_buffer or record[0] - pending[0][0] > MAX_AGE_NS:
             self.flush()
 
     def traffic(self, event: str, who_key: str, who: object, key: str, values: list[bytes]) -> None:

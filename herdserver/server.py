@@ -44,7 +44,6 @@ from .ops.web import HttpFront
 from .places import Provider, make_provider
 from .statefile import MAX_RECORD_LINE, StateFile
 
-LOG_FLUSH_SECONDS = 0.05  # short: each flush formats what came in since, holding the loop that long
 COMPACT_CHECK_SECONDS = 5.0
 COMPACT_BACKOFF_MAX_SECONDS = 300.0  # a compaction that failed (disk full) is tried again, at most this far apart
 GOODBYE_SECONDS = 0.5  # at most this long telling neighbors we stop
@@ -118,9 +117,9 @@ class HerdServer:
             backlog=None if listener is not None else 1024,
             max_connections=self.max_connections,
         )
-        self._workers = Group()  # links, the log flusher, the sweeper, compaction
-        self._log_pending = Event()
-        self.log.on_pending = self._log_pending.set
+        self._workers = Group()  # links, the sweeper, compaction
+        self._log_idle = gevent.get_hub().loop.idle()
+        self.log.on_pending = self._flush_log_when_idle
         self._stopped = Event()
         self.started_at = 0.0
         self._started_monotonic = 0.0
@@ -187,7 +186,6 @@ class HerdServer:
         )
         for link in self.links.values():
             self._spawn_worker(link.run)
-        self._spawn_worker(self._flush_logs)
         self._spawn_worker(self.clients.park_quiet_clients)
 
     def _make_links(self) -> dict[str, Link | ForeignLink]:
@@ -253,17 +251,21 @@ class HerdServer:
         if self.state is not None:
             self.state.close()
         self.log.info("stop", clients_left=len(self.connections), records=len(self.store))
+        self._log_idle.stop()
         self.log.close()
         self._stopped.set()
 
-    def _flush_logs(self) -> None:
-        """Flush LOG_FLUSH_SECONDS after the first line since the last flush; an idle
-        server sleeps here instead of waking 20 times a second."""
-        while True:
-            self._log_pending.wait()
-            gevent.sleep(LOG_FLUSH_SECONDS)
-            self._log_pending.clear()
-            self.log.flush()
+    def _flush_log_when_idle(self) -> None:
+        """The first line since the last flush: the log is written once the event loop
+        has nothing else to do (a libev idle watcher). A flush then never costs a wake-up
+        of its own (an idle server sleeps), and lines reach the file as soon as the server
+        is idle; under sustained load the log's size and age bounds flush it."""
+        if not self._log_idle.active:
+            self._log_idle.start(self._flush_log)
+
+    def _flush_log(self) -> None:
+        self._log_idle.stop()
+        self.log.flush()
 
     def _compact_when_needed(self) -> None:
         """Compact when the file holds mostly dead lines. A compaction that fails (the

@@ -68,6 +68,19 @@ def test_whatsat_from_a_real_server_is_summarised(herd: Any) -> None:
     assert '\\"results\\"' not in text  # no JSON at INFO
 
 
+def test_a_server_writes_its_log_once_its_event_loop_falls_idle(herd: Any) -> None:
+    """No flush call and no timer of its own: the lines of a request reach the file as soon
+    as the server has nothing else to do, and then the buffer is empty."""
+    client = herd.client("Alford")
+    client.ask(iamat(b"idleflush"))
+    log = herd.servers["Alford"].log
+    wait_until(lambda: b"idleflush" in Path(log.path).read_bytes() and not log.pending, 5.0,
+               what="the IAMAT's lines in the file")  # fmt: skip
+    text = Path(log.path).read_text()
+    assert re.search(r"event=in conn=\d+ line=\"IAMAT idleflush ", text)
+    assert re.search(r"event=out conn=\d+ data=\"AT Alford [^\"]+ idleflush ", text)
+
+
 def test_reopen_writes_to_a_new_file_after_a_rename(tmp_path: Path) -> None:
     path = tmp_path / "Alford.log"
     log = logs.EventLog("Alford", str(path), "INFO")

@@ -174,3 +174,24 @@ def test_instances_do_not_share_handlers(tmp_path: Path) -> None:
     b_handler.close()
     assert [line.split()[-1] for line in read_lines(tmp_path / "a.log")] == ["event=only_a"]
     assert [line.split()[-1] for line in read_lines(tmp_path / "b.log")] == ["event=only_b"]
+
+
+def test_a_busy_server_still_writes_a_line_within_the_age_bound(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The server flushes when its loop falls idle; one too busy to fall idle has its
+    lines written by the first line logged more than MAX_AGE_NS after the oldest waiting."""
+    path = tmp_path / "Alford.log"
+    log = logs.setup("Alford", str(path))
+    now = [1_764_000_000_000_000_000]
+    monkeypatch.setattr(logs.time, "time_ns", lambda: now[0])
+    try:
+        log.info("first")
+        now[0] += logs.MAX_AGE_NS
+        log.info("second")  # exactly the bound: still waiting
+        assert path.read_text() == ""
+        now[0] += 1
+        log.traffic("in", "conn", 1, "line", [b"IAMAT kiwi +34-118 1"])  # past it: everything is written
+        assert [line.split(" event=")[1].split(" ")[0] for line in read_lines(path)] == ["first", "second", "in"]
+    finally:
+        log.close()
