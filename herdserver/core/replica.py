@@ -77,4 +77,7 @@ class Replica:
     def has_queued(self) -> bool:
         """Does any outlet hold records it will write in this turn of the event loop
         (a reply that acknowledges them waits for that)?"""
-        return any(outlet.has_queued() for outlet in self.outlets)
+        for outlet in self.outlets:  # a plain loop: this runs before every reply
+            if outlet.has_queued():
+                return True
+        return False

@@ -418,7 +418,7 @@ class ClientPort:
             self._write_replies(sock, pending, conn)
         if calls:
             conn.pipelining = calls > FAST_PER_BATCH
-        self.commands.persist()  # AT lines get no reply, but are stored all the same
+        self.commands.persist_received()  # AT lines get no reply, but are stored all the same
         return replied
 
     def _wait_read_by_client(self, sock: socket.socket) -> None:
