@@ -47,7 +47,6 @@ from .statefile import MAX_RECORD_LINE, StateFile
 COMPACT_CHECK_SECONDS = 5.0
 COMPACT_BACKOFF_MAX_SECONDS = 300.0  # a compaction that failed (disk full) is tried again, at most this far apart
 GOODBYE_SECONDS = 0.5  # at most this long telling neighbors we stop
-LOG_FLUSH_GAP_SECONDS = 0.05  # a steady stream of lines is written once per this long, not once per wake-up
 
 __all__ = ["Connection", "HerdServer", "Stats"]
 
@@ -119,10 +118,7 @@ class HerdServer:
             max_connections=self.max_connections,
         )
         self._workers = Group()  # links, the sweeper, compaction
-        loop = gevent.get_hub().loop
-        self._log_idle = loop.idle()  # the log is written when the loop has nothing else to do ...
-        self._log_timer = loop.timer(LOG_FLUSH_GAP_SECONDS)  # ... at most once per LOG_FLUSH_GAP_SECONDS
-        self._log_flushed = 0.0  # time.monotonic() of the last flush
+        self._log_idle = gevent.get_hub().loop.idle()
         self.log.on_pending = self._flush_log_when_idle
         self._stopped = Event()
         self.started_at = 0.0
@@ -256,29 +252,19 @@ class HerdServer:
             self.state.close()
         self.log.info("stop", clients_left=len(self.connections), records=len(self.store))
         self._log_idle.stop()
-        self._log_timer.stop()
         self.log.close()
         self._stopped.set()
 
     def _flush_log_when_idle(self) -> None:
         """The first line since the last flush: the log is written once the event loop
-        has nothing else to do (a libev idle watcher), and at most once per
-        LOG_FLUSH_GAP_SECONDS. A lone update's lines are written at once without a
-        wake-up of their own (an idle server sleeps); a steady stream shares one write per
-        gap; a server too busy to fall idle has its buffer written by the log's own size
-        and age bounds."""
-        if not self._log_idle.active and not self._log_timer.active:
-            self._log_idle.start(self._flush_log_now_or_later)
-
-    def _flush_log_now_or_later(self) -> None:
-        self._log_idle.stop()
-        if time.monotonic() - self._log_flushed >= LOG_FLUSH_GAP_SECONDS:
-            self._flush_log()
-        else:
-            self._log_timer.start(self._flush_log)
+        has nothing else to do (a libev idle watcher). A flush then never costs a wake-up
+        of its own (an idle server sleeps), and lines reach the file as soon as the server
+        is idle; under sustained load the log's size and age bounds flush it."""
+        if not self._log_idle.active:
+            self._log_idle.start(self._flush_log)
 
     def _flush_log(self) -> None:
-        self._log_flushed = time.monotonic()
+        self._log_idle.stop()
         self.log.flush()
 
     def _compact_when_needed(self) -> None:
