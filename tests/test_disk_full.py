@@ -88,12 +88,13 @@ def until_refused(client: LineClient, prefix: bytes) -> tuple[dict[bytes, bytes]
 
 class OneServer:
     def __init__(self, tmp_path: Path, state_dir: Path):
-        self.port, self.http_port = free_ports(2)
+        # herd_port too: the default, port + 2000, may be taken on a busy machine
+        self.port, self.http_port, self.herd_port = free_ports(3)
         self.config = tmp_path / "herd.ini"
         self.config.write_text(
             f"[herd]\nlog_dir = {tmp_path / 'logs'}\nstate_dir = {state_dir}\n\n"
             "[places]\nprovider = google\napi_key_env = HERD_TEST_KEY\nbase_url = http://127.0.0.1:9\ntimeout = 1\n\n"
-            f"[server:Alford]\nport = {self.port}\nhttp_port = {self.http_port}\n"
+            f"[server:Alford]\nport = {self.port}\nhttp_port = {self.http_port}\nherd_port = {self.herd_port}\n"
         )
         self.proc: subprocess.Popen[bytes] | None = None
 

@@ -98,11 +98,11 @@ def test_reopen_writes_to_a_new_file_after_a_rename(tmp_path: Path) -> None:
 
 
 def write_one(tmp_path: Path, log_dir: str) -> tuple[Path, int, int]:
-    port, http_port = free_ports(2)
+    port, http_port, herd_port = free_ports(3)  # herd_port too: port + 2000 may be taken
     path = tmp_path / "herd.ini"
     path.write_text(
         f"[herd]\nhost = 127.0.0.1\nlog_dir = {log_dir}\n[places]\nprovider = offline\n"
-        f"[server:Alford]\nport = {port}\nhttp_port = {http_port}\n"
+        f"[server:Alford]\nport = {port}\nhttp_port = {http_port}\nherd_port = {herd_port}\n"
     )
     return path, port, http_port
 

@@ -20,7 +20,7 @@ from herdserver.places.geonames import ATTRIBUTION, EARTH_RADIUS_M, Dataset, Pla
 from herdserver.places.geonames_cache import Source
 from herdserver.places.offline import OfflineProvider
 
-from .conftest import LineClient, iamat, wait_until
+from .conftest import LineClient, free_ports, iamat, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -260,19 +260,12 @@ def test_background_provider_reports_bad_data(tmp_path: Path) -> None:
 
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 def start_server(tmp_path: Path, cache_dir: Path) -> tuple[subprocess.Popen[bytes], int]:
-    port = free_port()
+    port, herd_port = free_ports(2)  # herd_port too: port + 2000 may be taken
     config = tmp_path / "herd.ini"
     config.write_text(
         "[herd]\nhost = 127.0.0.1\nlog_dir = logs\n\n[places]\nprovider = offline\ntimeout = 2\n\n"
-        f"[server:Alford]\nport = {port}\n"
+        f"[server:Alford]\nport = {port}\nherd_port = {herd_port}\n"
     )
     env = {**os.environ, "HERDSERVER_CACHE_DIR": str(cache_dir)}
     proc = subprocess.Popen([sys.executable, "-m", "herdserver", "Alford", "--config", str(config)], cwd=ROOT, env=env)

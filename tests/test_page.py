@@ -66,10 +66,11 @@ class LiveHerd:
     """Three real server processes on free loopback ports, stopped by PID."""
 
     def __init__(self, tmp_path: Path):
-        ports = free_ports(2 * len(NAMES) + 1)
+        ports = free_ports(3 * len(NAMES) + 1)  # herd ports too: port + 2000 may be taken
         self.ports = dict(zip(NAMES, ports[:3], strict=True))
         self.http_ports = dict(zip(NAMES, ports[3:6], strict=True))
-        unused = ports[6]  # nothing listens there: Places answers "connection refused" at once
+        self.herd_ports = dict(zip(NAMES, ports[6:9], strict=True))
+        unused = ports[9]  # nothing listens there: Places answers "connection refused" at once
         text = (
             "[herd]\nlog_dir = logs\n\n"
             f"[places]\nprovider = google\napi_key_env = HERD_TEST_KEY\nbase_url = http://127.0.0.1:{unused}\n"
@@ -78,7 +79,7 @@ class LiveHerd:
         neighbors = {"Alford": "Ball, Hamilton", "Ball": "Hamilton", "Hamilton": ""}
         for name in NAMES:
             text += (f"\n[server:{name}]\nport = {self.ports[name]}\nhttp_port = {self.http_ports[name]}\n"
-                     f"neighbors = {neighbors[name]}\n")
+                     f"herd_port = {self.herd_ports[name]}\nneighbors = {neighbors[name]}\n")
         self.config = tmp_path / "herd.ini"
         self.config.write_text(text)
         env = dict(os.environ, HERD_TEST_KEY=TEST_KEY)

@@ -45,9 +45,10 @@ def test_the_grading_scripts_server_py_in_the_readme_runs_a_server(tmp_path: Pat
     code = re.search(r"```python\n(# server.py: what the grading scripts run.*?)```", text, re.S)
     assert code is not None
     (tmp_path / "server.py").write_text(code.group(1))
-    port = free_ports(1)[0]
+    port, herd_port = free_ports(2)  # herd_port too: port + 2000 may be taken
     (tmp_path / "herd.ini").write_text(
         f"[places]\nprovider = google\napi_key_env = K\nbase_url = http://127.0.0.1:9\n[server:Alford]\nport = {port}\n"
+        f"herd_port = {herd_port}\n"
     )
     env = dict(os.environ, K="k", PYTHONPATH=str(ROOT))
     proc = subprocess.Popen([sys.executable, "server.py", "Alford"], cwd=tmp_path, env=env, stderr=subprocess.PIPE)

@@ -202,11 +202,12 @@ def test_max_connections_comes_from_the_descriptor_limit() -> None:
 
 
 def test_a_server_at_its_descriptor_limit_makes_room_and_keeps_serving(tmp_path: Path) -> None:
-    port = free_ports(1)[0]
+    port, herd_port = free_ports(2)  # herd_port too: port + 2000 may be taken
     ini = tmp_path / "herd.ini"
     ini.write_text(
         "[herd]\nlog_dir = logs\nstate_dir = -\n[places]\nprovider = google\napi_key_env = K\n"
         f"base_url = http://127.0.0.1:9\npool_size = 4\n[server:Alford]\nport = {port}\n"
+        f"herd_port = {herd_port}\n"
     )
 
     def low_limit() -> None:
