@@ -309,3 +309,49 @@ def test_a_second_process_on_the_same_state_file_is_refused(procs: ProcessHerd) 
     assert second.returncode == 2
     assert "locked" in second.stderr and len(second.stderr.strip().splitlines()) == 1
     assert procs.running("Alford")
+
+
+def test_an_open_foreign_link_gets_the_at_line_before_the_client_gets_its_reply(tmp_path: Path) -> None:
+    """Floods before replies hold for a neighbor of another implementation too, while its
+    connection is open: a server process, its foreign neighbor a socket of this test. When
+    a reply reaches the client, its AT line is already queued at the neighbor's end."""
+    port, herd_port, foreign_port = free_ports(3)
+    config = tmp_path / "herd.ini"
+    config.write_text(
+        "[herd]\nlog_dir = logs\nstate_dir = -\n\n[places]\nprovider = google\napi_key_env = HERD_TEST_KEY\n"
+        "base_url = http://127.0.0.1:9\ntimeout = 1\n\n[peers]\nlink_idle = 30\n\n"  # the connection stays open
+        f"[server:Alford]\nport = {port}\nhttp_port = 0\nherd_port = {herd_port}\nneighbors = Other\n\n"
+        f"[server:Other]\nport = {foreign_port}\nforeign = yes\n"
+    )
+    listener = socket.create_server(("127.0.0.1", foreign_port))
+    env = dict(os.environ, HERD_TEST_KEY="k")
+    proc = subprocess.Popen([sys.executable, "-m", "herdserver", "Alford", "--config", str(config)], cwd=ROOT,
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        listener.settimeout(10)
+        theirs, _ = listener.accept()  # the link opens at start, to push every record (none yet)
+        wait_until(lambda: _answers(port), 10.0, what="Alford up")
+        theirs.settimeout(0)  # a read that finds nothing raises instead of waiting
+        buffer = b""
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as client:
+            for i in range(100):
+                client.sendall(iamat(b"fb%d" % i) + b"\n")
+                reply = b""
+                while not reply.endswith(b"\n"):
+                    reply += client.recv(4096)
+                at = reply.rstrip(b"\n")
+                while at not in buffer:
+                    buffer += theirs.recv(1 << 16)  # BlockingIOError: the reply came before the flood
+        theirs.close()
+    finally:
+        proc.terminate()  # ours: started above
+        proc.wait(10)
+        listener.close()
+
+
+def _answers(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1):
+            return True
+    except OSError:
+        return False

@@ -22,7 +22,8 @@ while a neighbor is down, memory is bounded by the number of clients.
 A neighbor configured as another implementation (``foreign = yes``) gets a
 ``ForeignLink``: plain AT lines on its client port, over connections opened when there
 is something to send and closed after ``[peers] link_idle`` seconds, and a full push of
-every record at start and after an outage.
+every record at start and after an outage. While its connection is open, it is written
+before replies like a herdserver link (the same outbox, callback and pending bytes).
 """
 
 from __future__ import annotations
@@ -110,18 +111,74 @@ class _LinkBase:
         self.auth_failures = 0
         self._was_down = False
         self._sockaddr: tuple[int, Any] | None = None
+        # Floods before replies: set while the link can take a write (a herdserver link once
+        # its handshake is done), so a loop callback writes what was offered in a turn.
+        self.sock: socket.socket | None = None
+        self._pending = b""  # bytes flush_now could not write at once; the link greenlet finishes them
+        self._writing = False  # the link greenlet is inside a blocking write: flush_now must not interleave
+        self._loop = gevent.get_hub().loop
+        self._flush_scheduled = False  # a loop callback will write the outbox in this turn
 
     # -- called from the server's greenlets -------------------------------------------
 
     def offer(self, client: bytes, line: bytes) -> None:
-        """Queue the latest line for ``client``; replaces any older one still waiting."""
+        """Queue the latest line for ``client``. On a connected, idle link (a herdserver
+        link once its handshake is done) it is written by a loop callback at the end of
+        this turn, with everything else offered in it; otherwise the link greenlet sends
+        it when it can."""
         self.outbox[client] = line
-        self.wake.set()
+        if self.sock is None or self._writing or self._pending:
+            self.wake.set()
+        elif not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.run_callback(self._scheduled_flush)
 
     def has_queued(self) -> bool:
-        """Records that will be written in this turn of the event loop (a foreign link's
-        wait for its own greenlet)."""
-        return False
+        """Records that a loop callback will write in this turn (a reply waits for them)."""
+        return self._flush_scheduled
+
+    def _scheduled_flush(self) -> None:
+        self._flush_scheduled = False
+        self.flush_now()
+
+    def flush_now(self) -> None:
+        """Write the outbox to the socket now if the link is connected and idle; what the
+        kernel does not take at once, or what cannot be written now, is left to the link
+        greenlet."""
+        sock = self.sock
+        if not self.outbox:
+            return
+        if sock is None or self._writing or self._pending:
+            self.wake.set()
+            return
+        lines = list(self.outbox.values())
+        self.outbox = {}
+        data = b"\n".join(lines) + b"\n"
+        try:
+            sent = send_nowait(sock, data)
+        except OSError:
+            sent = 0  # the link greenlet finds the broken socket when it writes the rest
+        if sent < len(data):
+            self._pending = data[sent:]
+            self.wake.set()
+        self._count_sent(lines, len(data))
+
+    def _send_queued(self, sock: socket.socket) -> None:
+        data, self._pending = self._pending, b""
+        if self.outbox:
+            lines = list(self.outbox.values())
+            self.outbox = {}
+            batch = b"\n".join(lines) + b"\n"
+            self._count_sent(lines, len(batch))
+            data += batch
+        self._blocking_write(sock, data)
+
+    def _blocking_write(self, sock: socket.socket, data: bytes) -> None:
+        self._writing = True
+        try:
+            self._write(sock, data)
+        finally:
+            self._writing = False
 
     def peer_seen(self) -> None:
         """The neighbor proved itself on our herd port: it is up, retry at once."""
@@ -269,56 +326,9 @@ class Link(_LinkBase):
         self.secrets = secrets
         self.sync_slots = sync_slots
         self.peer_boot: bytes | None = None
-        self.sock: socket.socket | None = None  # set while the link is established
-        self._pending = b""  # bytes flush_now could not write at once; the link greenlet finishes them
-        self._writing = False  # the link greenlet is inside a blocking write: flush_now must not interleave
         self._established = False  # the current connection passed the handshake
         self._replies: SimpleQueue[Any] = SimpleQueue()
         self._next_periodic = self._periodic_deadline()
-        self._loop = gevent.get_hub().loop
-        self._flush_scheduled = False  # a loop callback will write the outbox in this turn
-
-    # -- floods before replies ------------------------------------------------------------
-
-    def offer(self, client: bytes, line: bytes) -> None:
-        """Queue the latest line for ``client``. On an established, idle link it is
-        written by a loop callback at the end of this turn, with everything else offered
-        in it; otherwise the link greenlet sends it when it can."""
-        self.outbox[client] = line
-        if self.sock is None or self._writing or self._pending:
-            self.wake.set()
-        elif not self._flush_scheduled:
-            self._flush_scheduled = True
-            self._loop.run_callback(self._scheduled_flush)
-
-    def has_queued(self) -> bool:
-        return self._flush_scheduled
-
-    def _scheduled_flush(self) -> None:
-        self._flush_scheduled = False
-        self.flush_now()
-
-    def flush_now(self) -> None:
-        """Write the outbox to the socket now if the link is established and idle; what the
-        kernel does not take at once, or what cannot be written now, is left to the link
-        greenlet."""
-        sock = self.sock
-        if not self.outbox:
-            return
-        if sock is None or self._writing or self._pending:
-            self.wake.set()
-            return
-        lines = list(self.outbox.values())
-        self.outbox = {}
-        data = b"\n".join(lines) + b"\n"
-        try:
-            sent = send_nowait(sock, data)
-        except OSError:
-            sent = 0  # the link greenlet finds the broken socket when it writes the rest
-        if sent < len(data):
-            self._pending = data[sent:]
-            self.wake.set()
-        self._count_sent(lines, len(data))
 
     # -- the link greenlet ---------------------------------------------------------------
 
@@ -407,23 +417,6 @@ class Link(_LinkBase):
                     self.need_sync = True
                     continue
                 self.wake.wait(min(left, 3600.0))
-
-    def _send_queued(self, sock: socket.socket) -> None:
-        data, self._pending = self._pending, b""
-        if self.outbox:
-            lines = list(self.outbox.values())
-            self.outbox = {}
-            batch = b"\n".join(lines) + b"\n"
-            self._count_sent(lines, len(batch))
-            data += batch
-        self._blocking_write(sock, data)
-
-    def _blocking_write(self, sock: socket.socket, data: bytes) -> None:
-        self._writing = True
-        try:
-            self._write(sock, data)
-        finally:
-            self._writing = False
 
     def say_goodbye(self, timeout: float) -> None:
         """Tell the neighbor we are stopping, so it shows the link down at once."""
@@ -562,26 +555,31 @@ class ForeignLink(_LinkBase):
             self.wake.wait(3600.0)
 
     def _session(self, sock: socket.socket) -> None:
-        """Send until ``link_idle`` s pass with nothing to send; what it says back is logged."""
+        """Send until ``link_idle`` s pass with nothing to send; what it says back is logged.
+        While the connection is open, an IAMAT's AT line is written to it before the reply
+        (``flush_now``), as on a herdserver link."""
         self.connected = True
         listener = gevent.spawn(self._read, sock)
         try:
             self._mark_up()
+            self.sock = sock
             while True:
                 if listener.dead:
                     raise LinkDown("neighbor closed the connection")
                 if self.need_sync:
                     self.need_sync = False
                     self._push_everything(sock)
-                elif self.outbox:
-                    batch, self.outbox = self.outbox, {}
-                    self._send(sock, list(batch.values()))
+                elif self.outbox or self._pending:
+                    self._send_queued(sock)
                 else:
                     self.wake.clear()
-                    if not self.wake.wait(self.settings.link_idle) and not self.outbox:
+                    if not self.wake.wait(self.settings.link_idle) and not (self.outbox or self._pending):
                         break  # idle: close; the next record opens a new connection
+            self.sock = None  # no switch since the check above: nothing was offered to this connection
             sock.shutdown(socket.SHUT_WR)
         finally:
+            self.sock = None
+            self._pending = b""  # a broken connection: run() pushes everything at the next one
             listener.kill(block=False)
 
     def _push_everything(self, sock: socket.socket) -> None:
@@ -594,7 +592,8 @@ class ForeignLink(_LinkBase):
     def _send(self, sock: socket.socket, lines: list[bytes]) -> None:
         if lines:
             data = b"\n".join(lines) + b"\n"
-            self._write(sock, data)
+            pending, self._pending = self._pending, b""
+            self._blocking_write(sock, pending + data)
             self._count_sent(lines, len(data))
 
     def _read(self, sock: socket.socket) -> None:
