@@ -387,12 +387,14 @@ class Herd:
 
 def herd_ini(links: Mapping[str, list[str]], ports: Mapping[str, int], log_dir: Path, places_url: str,
              http_ports: Mapping[str, int] | None = None, herd_keys: Mapping[str, str] | None = None,
-             peer_keys: Mapping[str, str] | None = None, places_keys: Mapping[str, str] | None = None) -> str:
+             peer_keys: Mapping[str, str] | None = None, places_keys: Mapping[str, str] | None = None,
+             foreign: Iterable[str] = ()) -> str:
     """A herd.ini; ``herd_keys`` and ``peer_keys`` add ``[herd]`` and ``[peers]`` keys (only
     keys the code under test knows: an unknown key is an error to herdserver). ``places_keys``
     replace the ``[places]`` section (default: the fake Places server at ``places_url``).
     ``http_ports`` None writes no ``http_port`` keys (code from before the HTTP side); else
-    the servers not in it get ``http_port = 0``."""
+    the servers not in it get ``http_port = 0``. ``foreign``: names marked ``foreign = yes``
+    (the bench's own listeners: herdservers send them plain AT lines on their port)."""
     lines = ["[herd]", f"host = {HOST}", f"log_dir = {log_dir}"]
     lines += [f"{key} = {value}" for key, value in (herd_keys or {}).items()]
     places = places_keys or {"provider": "google", "api_key_env": KEY_ENV, "base_url": places_url, "timeout": "5"}
@@ -405,6 +407,8 @@ def herd_ini(links: Mapping[str, list[str]], ports: Mapping[str, int], log_dir: 
             lines.append(f"http_port = {http_ports.get(name, 0)}")
         if neighbors:
             lines.append(f"neighbors = {', '.join(neighbors)}")
+        if name in foreign:
+            lines.append("foreign = yes")
         lines.append("")
     return "\n".join(lines)
 
@@ -429,11 +433,14 @@ class Lab:
     def herd(self, name: str, links: Mapping[str, list[str]], listeners: Iterable[str] = (), *,
              http: bool = False, old_code: bool = False, herd_keys: Mapping[str, str] | None = None,
              peer_keys: Mapping[str, str] | None = None, places_keys: Mapping[str, str] | None = None,
-             ports: Mapping[str, int] | None = None, http_ports: Mapping[str, int] | None = None) -> Herd:
+             ports: Mapping[str, int] | None = None, http_ports: Mapping[str, int] | None = None,
+             foreign: Iterable[str] = ()) -> Herd:
         """Write ``name``.ini for ``links`` (name -> neighbors) plus bench-owned ``listeners``;
         ``http``: the servers of ``links`` serve their HTTP side (metrics) too; ``old_code``:
         for a checkout from before ``http_port`` existed (no such key written). ``ports`` and
-        ``http_ports`` given: used as they are (``port_block``), else free ports are picked."""
+        ``http_ports`` given: used as they are (``port_block``), else free ports are picked.
+        ``listeners`` and ``foreign`` are written ``foreign = yes``: a bench listener takes plain
+        AT lines on its port, as another implementation would (it does no herd-port handshake)."""
         everyone = {**links, **{listener: [] for listener in listeners if listener not in links}}
         if ports is None:
             free = free_ports(len(everyone) + (len(links) if http else 0))
@@ -449,7 +456,7 @@ class Lab:
         path = home / f"{name}.ini"
         written_http = None if old_code else http_ports
         path.write_text(herd_ini(everyone, ports, log_dir, self.places_url, written_http, herd_keys, peer_keys,
-                                 places_keys))
+                                 places_keys, foreign={*listeners, *foreign}))
         return Herd(name, path, dict(ports), log_dir, http_ports=http_ports)
 
     def start_servers(self, herd: Herd, servers: Iterable[str], code: Path = ROOT, wait: bool = True,

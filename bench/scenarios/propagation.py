@@ -71,7 +71,7 @@ class Baselines:
 def observed_herd(lab: Lab, name: str, observers: dict[str, str]) -> tuple[Herd, LoadWorker]:
     """The five servers plus observer listeners (started first), all links up."""
     links = {**FIVE_LINKS, **{obs: [server] for obs, server in observers.items()}}
-    herd = lab.herd(name, links)
+    herd = lab.herd(name, links, foreign=observers)
     worker = lab.worker(f"{name}-observers")
     worker.call("listen", timeout=10, observers={obs: herd.ports[obs] for obs in observers})
     lab.start_servers(herd, FIVE)
