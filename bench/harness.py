@@ -388,11 +388,12 @@ class Herd:
 def herd_ini(links: Mapping[str, list[str]], ports: Mapping[str, int], log_dir: Path, places_url: str,
              http_ports: Mapping[str, int] | None = None, herd_keys: Mapping[str, str] | None = None,
              peer_keys: Mapping[str, str] | None = None, places_keys: Mapping[str, str] | None = None,
-             foreign: Iterable[str] = ()) -> str:
+             foreign: Iterable[str] = (), limit_keys: Mapping[str, str] | None = None) -> str:
     """A herd.ini; ``herd_keys`` and ``peer_keys`` add ``[herd]`` and ``[peers]`` keys (only
     keys the code under test knows: an unknown key is an error to herdserver). ``places_keys``
     replace the ``[places]`` section (default: the fake Places server at ``places_url``).
-    ``http_ports`` None writes no ``http_port`` keys (code from before the HTTP side); else
+    ``limit_keys`` add ``[limits]`` keys. ``http_ports`` None writes no ``http_port`` keys
+    (code from before the HTTP side); else
     the servers not in it get ``http_port = 0``. ``foreign``: names marked ``foreign = yes``
     (the bench's own listeners: herdservers send them plain AT lines on their port)."""
     lines = ["[herd]", f"host = {HOST}", f"log_dir = {log_dir}"]
@@ -401,6 +402,8 @@ def herd_ini(links: Mapping[str, list[str]], ports: Mapping[str, int], log_dir: 
     lines += ["", "[places]", *(f"{key} = {value}" for key, value in places.items()), ""]
     if peer_keys:
         lines += ["[peers]", *(f"{key} = {value}" for key, value in peer_keys.items()), ""]
+    if limit_keys:
+        lines += ["[limits]", *(f"{key} = {value}" for key, value in limit_keys.items()), ""]
     for name, neighbors in links.items():
         lines += [f"[server:{name}]", f"port = {ports[name]}"]
         if http_ports is not None:
@@ -434,7 +437,7 @@ class Lab:
              http: bool = False, old_code: bool = False, herd_keys: Mapping[str, str] | None = None,
              peer_keys: Mapping[str, str] | None = None, places_keys: Mapping[str, str] | None = None,
              ports: Mapping[str, int] | None = None, http_ports: Mapping[str, int] | None = None,
-             foreign: Iterable[str] = ()) -> Herd:
+             foreign: Iterable[str] = (), limit_keys: Mapping[str, str] | None = None) -> Herd:
         """Write ``name``.ini for ``links`` (name -> neighbors) plus bench-owned ``listeners``;
         ``http``: the servers of ``links`` serve their HTTP side (metrics) too; ``old_code``:
         for a checkout from before ``http_port`` existed (no such key written). ``ports`` and
@@ -456,7 +459,7 @@ class Lab:
         path = home / f"{name}.ini"
         written_http = None if old_code else http_ports
         path.write_text(herd_ini(everyone, ports, log_dir, self.places_url, written_http, herd_keys, peer_keys,
-                                 places_keys, foreign={*listeners, *foreign}))
+                                 places_keys, foreign={*listeners, *foreign}, limit_keys=limit_keys))
         return Herd(name, path, dict(ports), log_dir, http_ports=http_ports)
 
     def start_servers(self, herd: Herd, servers: Iterable[str], code: Path = ROOT, wait: bool = True,
