@@ -164,16 +164,22 @@ class _LinkBase:
         self._count_sent(lines, len(data))
 
     def _send_queued(self, sock: socket.socket) -> None:
-        data, self._pending = self._pending, b""
-        if self.outbox:
-            lines = list(self.outbox.values())
-            self.outbox = {}
-            batch = b"\n".join(lines) + b"\n"
-            self._count_sent(lines, len(batch))
-            data += batch
+        lines = list(self.outbox.values())
+        self.outbox = {}
+        self._send_lines(sock, lines)
+
+    def _send_lines(self, sock: socket.socket, lines: list[bytes]) -> None:
+        """AT lines (counted and logged as sent) in one blocking write."""
+        data = b""
+        if lines:
+            data = b"\n".join(lines) + b"\n"
+            self._count_sent(lines, len(data))
         self._blocking_write(sock, data)
 
     def _blocking_write(self, sock: socket.socket, data: bytes) -> None:
+        """``data`` after whatever flush_now left unwritten (so lines keep their order),
+        waiting for the neighbor to read; flush_now writes nothing meanwhile."""
+        data, self._pending = self._pending + data, b""
         self._writing = True
         try:
             self._write(sock, data)
@@ -425,8 +431,7 @@ class Link(_LinkBase):
             return
         with gevent.Timeout(timeout, False):
             try:
-                self._blocking_write(sock, self._pending + b"BYE\n")
-                self._pending = b""
+                self._blocking_write(sock, b"BYE\n")
                 sock.shutdown(socket.SHUT_WR)
             except (OSError, LinkDown):
                 pass
@@ -473,8 +478,7 @@ class Link(_LinkBase):
         for start in range(0, len(lines), SYNC_CHUNK_LINES):
             data = b"\n".join(lines[start : start + SYNC_CHUNK_LINES]) + b"\n"
             self.sync_bytes_sent += len(data)
-            self._blocking_write(sock, self._pending + data)
-            self._pending = b""
+            self._blocking_write(sock, data)
 
     def _next_reply(self, timeout: float) -> list[bytes]:
         """The next sync answer the neighbor sent (split)."""
@@ -585,16 +589,9 @@ class ForeignLink(_LinkBase):
     def _push_everything(self, sock: socket.socket) -> None:
         lines = self.store.lines()
         for start in range(0, len(lines), SYNC_CHUNK_LINES):
-            self._send(sock, lines[start : start + SYNC_CHUNK_LINES])
+            self._send_lines(sock, lines[start : start + SYNC_CHUNK_LINES])
         self.full_pushes += 1
         self.log.info("sync", neighbor=self.name, kind="full", records=len(lines))
-
-    def _send(self, sock: socket.socket, lines: list[bytes]) -> None:
-        if lines:
-            data = b"\n".join(lines) + b"\n"
-            pending, self._pending = self._pending, b""
-            self._blocking_write(sock, pending + data)
-            self._count_sent(lines, len(data))
 
     def _read(self, sock: socket.socket) -> None:
         """A foreign server may answer our AT lines (``? ...``): logged, never obeyed."""
