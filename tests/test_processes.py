@@ -31,6 +31,7 @@ from herdserver.statefile import ReplayReport, read_records
 from .conftest import iamat, wait_until
 from .procnet import kill_by_port, pids_on_port
 from .test_cli import NAMES, ROOT, free_ports
+from .test_offline import listening
 
 RING = {"Alford": ["Hamilton", "Welsh"], "Ball": ["Holiday", "Welsh"], "Hamilton": ["Alford", "Holiday"],
         "Holiday": ["Ball", "Hamilton"], "Welsh": ["Alford", "Ball"]}  # fmt: skip
@@ -330,7 +331,7 @@ def test_an_open_foreign_link_gets_the_at_line_before_the_client_gets_its_reply(
     try:
         listener.settimeout(10)
         theirs, _ = listener.accept()  # the link opens at start, to push every record (none yet)
-        wait_until(lambda: _answers(port), 10.0, what="Alford up")
+        wait_until(lambda: listening(proc, port), 10.0, what="Alford up")
         theirs.settimeout(0)  # a read that finds nothing raises instead of waiting
         buffer = b""
         with socket.create_connection(("127.0.0.1", port), timeout=5) as client:
@@ -347,11 +348,3 @@ def test_an_open_foreign_link_gets_the_at_line_before_the_client_gets_its_reply(
         proc.terminate()  # ours: started above
         proc.wait(10)
         listener.close()
-
-
-def _answers(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=1):
-            return True
-    except OSError:
-        return False
