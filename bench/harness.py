@@ -463,11 +463,13 @@ class Lab:
         return Herd(name, path, dict(ports), log_dir, http_ports=http_ports)
 
     def start_servers(self, herd: Herd, servers: Iterable[str], code: Path = ROOT, wait: bool = True,
-                      env: Mapping[str, str] | None = None, timeout: float = START_TIMEOUT) -> None:
+                      env: Mapping[str, str] | None = None, timeout: float = START_TIMEOUT,
+                      module: str = "herdserver") -> None:
         """Start ``servers`` of ``herd`` from the checkout ``code``; wait until each listens
-        (``timeout`` seconds each, counted from when its wait begins)."""
+        (``timeout`` seconds each, counted from when its wait begins). ``module``: what runs
+        them (``python -m MODULE NAME --config HERD.INI``), herdserver unless a bench stand-in."""
         for server in servers:
-            argv = [sys.executable, "-m", "herdserver", server, "--config", str(herd.path)]
+            argv = [sys.executable, "-m", module, server, "--config", str(herd.path)]
             herd.children[server] = self.spawn(f"{herd.name}-{server}", argv, code=code, env=env)
         if wait:
             for server, child in herd.children.items():

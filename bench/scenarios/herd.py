@@ -97,6 +97,7 @@ class Side:
     key: str
     title: str
     code: Path
+    module: str = "herdserver"  # bench.flood_floor for the floor side
 
 
 # -- the herd.ini ---------------------------------------------------------------------------------
@@ -250,11 +251,12 @@ def start_herd(lab: Lab, n: int, side: Side) -> tuple[Herd, int]:
     links, hops = topology(n, SEED)
     first = port_block(n, (0, HTTP_OFFSET, RESERVED_OFFSET))
     ports = {server: first + i for i, server in enumerate(links)}
-    http_ports = {server: port + HTTP_OFFSET for server, port in ports.items()}
+    # The floor has no HTTP side: none in its herd.ini, none polled (wait_ready, /status, /metrics).
+    http_ports = {server: port + HTTP_OFFSET for server, port in ports.items()} if side is not FLOOR else {}
     herd = lab.herd(f"{side.key}{n}", links, herd_keys={"state_dir": "-"}, places_keys=OFFLINE, ports=ports,
                     http_ports=http_ports)
     lab.start_servers(herd, list(links), code=side.code, env={"HERDSERVER_CACHE_DIR": str(lab.dir / "cache")},
-                      timeout=START_S)
+                      timeout=START_S, module=side.module)
     return herd, hops
 
 
@@ -447,16 +449,31 @@ def build_cache(lab: Lab) -> None:
               env={"HERDSERVER_CACHE_DIR": str(lab.dir / "cache")})
 
 
+FLOOR = Side("floor", "the flood floor (bench/flood_floor.py)", ROOT, module="bench.flood_floor")
+FLOOR_FIGURES = ("cpu_ms", "hold_p50", "hold_p99", "idle_cpu_pct")
+
+
+def floor_rows(result: dict[str, Any], floor: dict[str, Any]) -> list[Row]:
+    """This tree's CPU and hold times beside the flood floor's, on the same graph in the same run:
+    how far herdserver is from the least the SPEC's flood costs in one Python process per server."""
+    n, mine, theirs = result["n"], figures(result), figures(floor)
+    return [Row(f"N={n}: {label.format(n=n)}, beside the flood floor", mine[key], unit, baseline=theirs[key],
+                baseline_label="flood floor")
+            for key, label, unit in FIGURES if key in FLOOR_FIGURES]
+
+
 def measure_sides(lab: Lab, sides: list[Side], ctx: Context, section: Section) -> None:
-    """Each size on each side (base first, when there is one); the rows of this tree's, beside the base's."""
+    """Each size on each side (the floor, then the base when there is one, then this tree); the
+    rows of this tree's, beside the base's, then beside the floor's."""
     base_title = sides[-1].title if len(sides) > 1 else ""
     prefix = "new, " if len(sides) > 1 else ""
     for n in ctx.settings.herd_sizes:
-        results = {side.key: measure_size(lab, n, ctx, side) for side in reversed(sides)}
+        everyone = [FLOOR, *reversed(sides)]
+        results = {side.key: measure_size(lab, n, ctx, side) for side in everyone}
         section.add(*rows(results["new"], results.get("base"), base_title, prefix))
-        for side in sides:
-            section.notes += [f"{side.title}, {note}" if len(sides) > 1 else note
-                              for note in notes(results[side.key], ctx)]
+        section.add(*floor_rows(results["new"], results["floor"]))
+        for side in everyone:
+            section.notes += [f"{side.title}, {note}" for note in notes(results[side.key], ctx)]
             section.raw[f"{side.key}-n{n}"] = {**results[side.key], "figures": figures(results[side.key])}
 
 
