@@ -9,8 +9,10 @@ update beside the cost of the design itself, on the same graph, in the same run:
 - an AT line (from a link, or made from a client's IAMAT) is stored if it is newer than what
   the process holds for that client (compared as the time's text: the bench's times all have
   the same width) and then written straight to every other link, as SPEC's "forwards it to
-  every neighbor" asks; then one log line, flushed at once, in herdserver's format so the
-  bench reads arrival times the same way (``event=in``);
+  every neighbor" asks;
+- every line in and out is logged, as SPEC's Logs ask (a duplicate too), in herdserver's
+  format so the bench reads arrival times the same way (``event=in``, ``event=out``); the
+  lines one recv brought and the sends they caused are written with one write, at once;
 - an IAMAT is answered after the AT line went to every link, as SPEC's floods-before-replies.
 
 It validates nothing and survives nothing (a closed link is dropped): it is a measuring stick,
@@ -47,20 +49,28 @@ class Floor:
         self.me, self.neighbors, self.ports, self.log = me, neighbors, ports, log
         self.links: dict[str, socket.socket] = {}
         self.newest: dict[bytes, bytes] = {}  # client -> its newest AT line's time field
+        self.logged: list[str] = []  # log lines not yet written
         self.all_linked = Event()
 
     def take(self, line: bytes, source: str | None) -> None:
         fields = line.split()
         client, when = fields[3], fields[5]
+        text = line.decode().strip()
+        stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        if source is not None:
+            self.logged.append(f'{stamp} {self.me} INFO event=in neighbor={source} line="{text}"\n')
         if self.newest.get(client, b"") >= when:
             return
         self.newest[client] = when
         for neighbor, sock in self.links.items():
             if neighbor != source:
                 sock.sendall(line)
-        stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-        self.log.write(f'{stamp} {self.me} INFO event=in line="{line.decode().strip()}"\n')
+                self.logged.append(f'{stamp} {self.me} INFO event=out neighbor={neighbor} line="{text}"\n')
+
+    def write_log(self) -> None:
+        self.log.write("".join(self.logged))
         self.log.flush()
+        self.logged = []
 
     def read_link(self, neighbor: str, sock: socket.socket) -> None:
         buffer = b""
@@ -69,6 +79,7 @@ class Floor:
             *lines, buffer = buffer.split(b"\n")
             for line in lines:
                 self.take(line + b"\n", neighbor)
+            self.write_log()
         self.links.pop(neighbor, None)
 
     def add_link(self, neighbor: str, sock: socket.socket) -> None:
@@ -103,6 +114,10 @@ class Floor:
                 at = b"AT %s +0.000000000 %s %s %s\n" % (self.me.encode(), client, place, sent)
                 self.take(at, None)
                 sock.sendall(at)
+                stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+                self.logged += [f'{stamp} {self.me} INFO event=in data="{line.decode().strip()}"\n',
+                                f'{stamp} {self.me} INFO event=out data="{at.decode().strip()}"\n']
+                self.write_log()
 
 
 def herd_graph(path: Path) -> tuple[dict[str, int], dict[str, list[str]]]:
