@@ -348,3 +348,38 @@ def test_an_open_foreign_link_gets_the_at_line_before_the_client_gets_its_reply(
         proc.terminate()  # ours: started above
         proc.wait(10)
         listener.close()
+
+
+def _wakeups(pid: int) -> int:
+    """Voluntary context switches of a process's main thread: one per sleep that ended."""
+    status = Path(f"/proc/{pid}/task/{pid}/status").read_text()
+    return int(next(line for line in status.splitlines() if line.startswith("voluntary_ctxt_switches:")).split()[1])
+
+
+def test_a_server_without_clients_or_neighbors_sleeps(tmp_path: Path) -> None:
+    """Nothing wakes a server that has nobody to serve: no sweeper pass a second while
+    no client is connected (a herd of 100 idle servers woke 100 times a second for it),
+    and the sweeper is back as soon as a client comes (its idle deadline still holds)."""
+    port, herd_port = free_ports(2)
+    config = tmp_path / "herd.ini"
+    config.write_text(
+        "[herd]\nlog_dir = logs\nstate_dir = -\n\n[places]\nprovider = google\napi_key_env = HERD_TEST_KEY\n"
+        "base_url = http://127.0.0.1:9\ntimeout = 1\n\n[limits]\nidle_timeout = 0.5\n\n"
+        f"[server:Alford]\nport = {port}\nhttp_port = 0\nherd_port = {herd_port}\n"
+    )
+    env = dict(os.environ, HERD_TEST_KEY="k")
+    proc = subprocess.Popen([sys.executable, "-m", "herdserver", "Alford", "--config", str(config)], cwd=ROOT,
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        wait_until(lambda: listening(proc, port), 10.0, what="Alford up")
+        wait_until(lambda: "event=close" in (tmp_path / "logs" / "Alford.log").read_text(errors="replace")
+                   if (tmp_path / "logs" / "Alford.log").exists() else False, 10.0, what="the probe's close logged")
+        before = _wakeups(proc.pid)
+        time.sleep(3)  # a window to count wake-ups in, not a wait for something: a sweeper a second woke 3 times
+        assert _wakeups(proc.pid) - before <= 1
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as client:
+            client.settimeout(5)
+            assert client.recv(1) == b""  # closed by the server: the sweeper saw its idle deadline
+    finally:
+        proc.terminate()  # ours: started above
+        proc.wait(10)

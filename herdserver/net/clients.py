@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import gevent
+from gevent.event import Event
 from gevent.greenlet import Greenlet
 from gevent.pool import Group
 from gevent.server import StreamServer
@@ -123,6 +124,7 @@ class ClientPort:
         # Oldest complete command first (a connection moves to the end on each batch with
         # a command): the front is what a full server closes to make room.
         self.connections: OrderedDict[int, Connection] = OrderedDict()
+        self._clients_present = Event()  # set while a client is connected: the sweeper sleeps without one
         self._conn_ids = itertools.count(1)
         self.handlers = Group()  # client handlers (parked connections have none)
         self.stopping = False
@@ -174,6 +176,7 @@ class ClientPort:
         conn = Connection(next(self._conn_ids), _format_address(address), sock, last_command=time.monotonic(), ip=ip)
         conn.may_send_at = self.commands.trust.allows_by_address(ip)
         self.connections[conn.id] = conn
+        self._clients_present.set()
         self.per_ip[ip] = self.per_ip.get(ip, 0) + 1
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -248,6 +251,8 @@ class ClientPort:
 
     def _close(self, conn: Connection, reason: str) -> None:
         if self.connections.pop(conn.id, None) is not None:
+            if not self.connections:
+                self._clients_present.clear()
             left = self.per_ip.get(conn.ip, 1) - 1
             if left:
                 self.per_ip[conn.ip] = left
@@ -262,11 +267,15 @@ class ClientPort:
         often (``SWEEP_SECONDS``): close handlers waiting past their idle or line
         deadline. A timer per recv would cost every command a few microseconds;
         this costs one pass over the connections a second. (Parked clients have a
-        timer of their own, armed once per park.)"""
+        timer of their own, armed once per park.) With no client connected it sleeps
+        until one comes, so a server without clients does not wake up for it."""
         hub = gevent.get_hub()
         period = min(self.limits.park_after, SWEEP_SECONDS)
         next_park = time.monotonic() + self.limits.park_after
         while True:
+            if not self.connections:
+                self._clients_present.wait()
+                next_park = time.monotonic() + self.limits.park_after  # quiet is counted from now
             gevent.sleep(period)
             now = time.monotonic()
             park = now >= next_park
