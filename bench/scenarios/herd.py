@@ -462,6 +462,16 @@ def floor_rows(result: dict[str, Any], floor: dict[str, Any]) -> list[Row]:
             for key, label, unit in FIGURES if key in FLOOR_FIGURES]
 
 
+def floor_notes(floor: dict[str, Any]) -> list[str]:
+    """Say so when the floor itself misses a target: no herdserver change could meet it then,
+    short of flooding less than the SPEC asks."""
+    n, theirs = floor["n"], figures(floor)
+    return [f"N={n}: the flood floor itself misses the target on '{label.format(n=n)}' ({theirs[key]:.3g} {unit} "
+            f"against {TARGETS[key][0]:g}): the SPEC's flood costs that much on this machine before any server code"
+            for key, label, unit in FIGURES
+            if key in FLOOR_FIGURES and (t := target(key, n, theirs[key])) is not None and not t.met]
+
+
 def measure_sides(lab: Lab, sides: list[Side], ctx: Context, section: Section) -> None:
     """Each size on each side (the floor, then the base when there is one, then this tree); the
     rows of this tree's, beside the base's, then beside the floor's."""
@@ -472,6 +482,7 @@ def measure_sides(lab: Lab, sides: list[Side], ctx: Context, section: Section) -
         results = {side.key: measure_size(lab, n, ctx, side) for side in everyone}
         section.add(*rows(results["new"], results.get("base"), base_title, prefix))
         section.add(*floor_rows(results["new"], results["floor"]))
+        section.notes += floor_notes(results["floor"])
         for side in everyone:
             section.notes += [f"{side.title}, {note}" for note in notes(results[side.key], ctx)]
             section.raw[f"{side.key}-n{n}"] = {**results[side.key], "figures": figures(results[side.key])}
