@@ -356,7 +356,7 @@ def measure_size(lab: Lab, n: int, ctx: Context, side: Side) -> dict[str, Any]:
     finally:
         lab.stop_servers(herd, STOP_S)
     delays, incomplete = hold_times(herd, phase["sends"], tag)
-    return {"n": n, "diameter": hops, "links": n * DEGREE // 2, "links_up_at_start": up,
+    return {"n": n, "diameter": hops, "links": n * DEGREE // 2, "links_up_at_start": up, "http": bool(herd.http_ports),
             "server_ports": len(watch.server_ports), "idle": idle, "phase": phase,
             "holds": percentiles(delays), "held": len(delays), "incomplete": incomplete}
 
@@ -431,8 +431,9 @@ def notes(result: dict[str, Any], ctx: Context) -> list[str]:
     s = ctx.settings
     out = [
         f"N={n}: ring + a random edge-disjoint cycle (seed {SEED}): {result['links']} links, {DEGREE} per server, "
-        f"diameter {result['diameter']} hops; {result['server_ports']} server ports found listening; "
-        f"{result['links_up_at_start']} of {2 * result['links']} link ends 'up' in /status once ready",
+        f"diameter {result['diameter']} hops; {result['server_ports']} server ports found listening"
+        + (f"; {result['links_up_at_start']} of {2 * result['links']} link ends 'up' in /status once ready"
+           if result["http"] else " (no HTTP side: ready once its client port listens, after every link)"),
         f"N={n}: {len(phase['sends'])} IAMATs, one per {s.herd_gap:g} s at random servers, "
         f"{phase['seconds']:.1f} s until the herd was quiet again: {phase['cpu_s']:.2f} s CPU, "
         f"{phase['connections']} connections seen; idle {idle['seconds']:.1f} s: {idle['cpu_s']:.2f} s CPU, "
