@@ -176,6 +176,13 @@ class Herd:
             self.stop(name)
 
 
+def wakeups(pid: int) -> int:
+    """Voluntary context switches of a process's main thread so far: one per sleep that ended
+    (a window's difference counts how often an idle process woke up)."""
+    status = Path(f"/proc/{pid}/task/{pid}/status").read_text()
+    return int(next(line for line in status.splitlines() if line.startswith("voluntary_ctxt_switches:")).split()[1])
+
+
 def free_ports(n: int) -> list[int]:
     """``n`` distinct loopback ports that were free a moment ago (all bound at once, then released)."""
     socks = [socket.socket() for _ in range(n)]

@@ -28,7 +28,7 @@ import pytest
 
 from herdserver.statefile import ReplayReport, read_records
 
-from .conftest import iamat, wait_until
+from .conftest import iamat, wait_until, wakeups
 from .procnet import kill_by_port, pids_on_port
 from .test_cli import NAMES, ROOT, free_ports
 from .test_offline import listening
@@ -312,6 +312,13 @@ def test_a_second_process_on_the_same_state_file_is_refused(procs: ProcessHerd) 
     assert procs.running("Alford")
 
 
+def start_alone(config: Path) -> subprocess.Popen[bytes]:
+    """Alford of ``config`` as a process of its own (Places: ``api_key_env = HERD_TEST_KEY``)."""
+    env = dict(os.environ, HERD_TEST_KEY="k")
+    return subprocess.Popen([sys.executable, "-m", "herdserver", "Alford", "--config", str(config)], cwd=ROOT,
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+
+
 def test_an_open_foreign_link_gets_the_at_line_before_the_client_gets_its_reply(tmp_path: Path) -> None:
     """Floods before replies hold for a neighbor of another implementation too, while its
     connection is open: a server process, its foreign neighbor a socket of this test. When
@@ -325,9 +332,7 @@ def test_an_open_foreign_link_gets_the_at_line_before_the_client_gets_its_reply(
         f"[server:Other]\nport = {foreign_port}\nforeign = yes\n"
     )
     listener = socket.create_server(("127.0.0.1", foreign_port))
-    env = dict(os.environ, HERD_TEST_KEY="k")
-    proc = subprocess.Popen([sys.executable, "-m", "herdserver", "Alford", "--config", str(config)], cwd=ROOT,
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    proc = start_alone(config)
     try:
         listener.settimeout(10)
         theirs, _ = listener.accept()  # the link opens at start, to push every record (none yet)
@@ -350,12 +355,6 @@ def test_an_open_foreign_link_gets_the_at_line_before_the_client_gets_its_reply(
         listener.close()
 
 
-def _wakeups(pid: int) -> int:
-    """Voluntary context switches of a process's main thread: one per sleep that ended."""
-    status = Path(f"/proc/{pid}/task/{pid}/status").read_text()
-    return int(next(line for line in status.splitlines() if line.startswith("voluntary_ctxt_switches:")).split()[1])
-
-
 def test_a_server_without_clients_or_neighbors_sleeps(tmp_path: Path) -> None:
     """Nothing wakes a server that has nobody to serve: no sweeper pass a second while
     no client is connected (a herd of 100 idle servers woke 100 times a second for it),
@@ -367,16 +366,14 @@ def test_a_server_without_clients_or_neighbors_sleeps(tmp_path: Path) -> None:
         "base_url = http://127.0.0.1:9\ntimeout = 1\n\n[limits]\nidle_timeout = 0.5\n\n"
         f"[server:Alford]\nport = {port}\nhttp_port = 0\nherd_port = {herd_port}\n"
     )
-    env = dict(os.environ, HERD_TEST_KEY="k")
-    proc = subprocess.Popen([sys.executable, "-m", "herdserver", "Alford", "--config", str(config)], cwd=ROOT,
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    proc = start_alone(config)
     try:
         wait_until(lambda: listening(proc, port), 10.0, what="Alford up")
         wait_until(lambda: "event=close" in (tmp_path / "logs" / "Alford.log").read_text(errors="replace")
                    if (tmp_path / "logs" / "Alford.log").exists() else False, 10.0, what="the probe's close logged")
-        before = _wakeups(proc.pid)
+        before = wakeups(proc.pid)
         time.sleep(3)  # a window to count wake-ups in, not a wait for something: a sweeper a second woke 3 times
-        assert _wakeups(proc.pid) - before <= 1
+        assert wakeups(proc.pid) - before <= 1
         with socket.create_connection(("127.0.0.1", port), timeout=5) as client:
             client.settimeout(5)
             assert client.recv(1) == b""  # closed by the server: the sweeper saw its idle deadline
