@@ -579,8 +579,7 @@ class ForeignLink(_LinkBase):
                     self.wake.clear()
                     if not self.wake.wait(self.settings.link_idle) and not (self.outbox or self._pending):
                         break  # idle: close; the next record opens a new connection
-            self.sock = None  # no switch since the check above: nothing was offered to this connection
-            sock.shutdown(socket.SHUT_WR)
+            sock.shutdown(socket.SHUT_WR)  # no switch since the check above: nothing was offered meanwhile
         finally:
             self.sock = None
             self._pending = b""  # a broken connection: run() pushes everything at the next one
