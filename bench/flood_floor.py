@@ -44,6 +44,11 @@ NAME_WIDTH = 16  # a connecting link's first bytes: its name, space-padded
 CONNECT_S = 120.0  # N floors start at once on 2 cores
 
 
+def log_stamp() -> str:
+    """Now, as herdserver's log lines start (UTC, microseconds): the bench reads both alike."""
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
 class Floor:
     def __init__(self, me: str, neighbors: list[str], ports: dict[str, int], log: TextIO):
         self.me, self.neighbors, self.ports, self.log = me, neighbors, ports, log
@@ -56,7 +61,7 @@ class Floor:
         fields = line.split()
         client, when = fields[3], fields[5]
         text = line.decode().strip()
-        stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        stamp = log_stamp()
         if source is not None:
             self.logged.append(f'{stamp} {self.me} INFO event=in neighbor={source} line="{text}"\n')
         if self.newest.get(client, b"") >= when:
@@ -114,16 +119,14 @@ class Floor:
                 at = b"AT %s +0.000000000 %s %s %s\n" % (self.me.encode(), client, place, sent)
                 self.take(at, None)
                 sock.sendall(at)
-                stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+                stamp = log_stamp()
                 self.logged += [f'{stamp} {self.me} INFO event=in data="{line.decode().strip()}"\n',
                                 f'{stamp} {self.me} INFO event=out data="{at.decode().strip()}"\n']
                 self.write_log()
 
 
-def herd_graph(path: Path) -> tuple[dict[str, int], dict[str, list[str]]]:
+def herd_graph(ini: configparser.ConfigParser) -> tuple[dict[str, int], dict[str, list[str]]]:
     """Ports and (both-way) neighbors from a herd.ini."""
-    ini = configparser.ConfigParser()
-    ini.read(path)
     ports: dict[str, int] = {}
     neighbors: dict[str, set[str]] = {}
     for section in ini.sections():
@@ -143,9 +146,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("name")
     parser.add_argument("--config", type=Path, required=True)
     args = parser.parse_args(argv)
-    ports, neighbors = herd_graph(args.config)
     ini = configparser.ConfigParser()
     ini.read(args.config)
+    ports, neighbors = herd_graph(ini)
     log_dir = Path(ini.get("herd", "log_dir", fallback="."))
     with open(log_dir / f"{args.name}.log", "a") as log:
         floor = Floor(args.name, neighbors[args.name], ports, log)

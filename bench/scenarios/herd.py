@@ -98,6 +98,7 @@ class Side:
     title: str
     code: Path
     module: str = "herdserver"  # bench.flood_floor for the floor side
+    http: bool = True  # serves /readyz, /status, /metrics on port + HTTP_OFFSET (the floor does not)
 
 
 # -- the herd.ini ---------------------------------------------------------------------------------
@@ -251,8 +252,8 @@ def start_herd(lab: Lab, n: int, side: Side) -> tuple[Herd, int]:
     links, hops = topology(n, SEED)
     first = port_block(n, (0, HTTP_OFFSET, RESERVED_OFFSET))
     ports = {server: first + i for i, server in enumerate(links)}
-    # The floor has no HTTP side: none in its herd.ini, none polled (wait_ready, /status, /metrics).
-    http_ports = {server: port + HTTP_OFFSET for server, port in ports.items()} if side is not FLOOR else {}
+    # Without an HTTP side: none in its herd.ini, none polled (wait_ready, /status, /metrics).
+    http_ports = {server: port + HTTP_OFFSET for server, port in ports.items()} if side.http else {}
     herd = lab.herd(f"{side.key}{n}", links, herd_keys={"state_dir": "-"}, places_keys=OFFLINE, ports=ports,
                     http_ports=http_ports)
     lab.start_servers(herd, list(links), code=side.code, env={"HERDSERVER_CACHE_DIR": str(lab.dir / "cache")},
@@ -450,7 +451,7 @@ def build_cache(lab: Lab) -> None:
               env={"HERDSERVER_CACHE_DIR": str(lab.dir / "cache")})
 
 
-FLOOR = Side("floor", "the flood floor (bench/flood_floor.py)", ROOT, module="bench.flood_floor")
+FLOOR = Side("floor", "the flood floor (bench/flood_floor.py)", ROOT, module="bench.flood_floor", http=False)
 FLOOR_FIGURES = ("cpu_ms", "hold_p50", "hold_p99", "idle_cpu_pct")
 
 
